@@ -1,0 +1,200 @@
+"""The `lightnets` command line.
+
+Each subcommand registers itself in COMMANDS with a function that adds its arguments and a
+function that runs it, so later features add commands without touching the dispatch.
+Errors the user caused (UserError) print one line and exit with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lightnets.errors import UserError
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Decorator: register `fn(args) -> int | None` as subcommand `name`."""
+
+    def wrap(fn: Callable) -> Callable:
+        COMMANDS[name] = (help, add_arguments, fn)
+        return fn
+
+    return wrap
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set train.epochs=1 --set model.args.width=16",
+    )
+
+
+# ---------------------------------------------------------------------------- train
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe name (see `lightnets train --list`) or TOML path")
+    _add_set(p)
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<recipe name>)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--resume", action="store_true", help="continue the run in the run dir from last.pt"
+    )
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run dir instead of refusing"
+    )
+
+
+@command("train", "train a model from a recipe", _train_args)
+def train_command(args: argparse.Namespace) -> int:
+    from lightnets.engine.config import Config, load_config
+    from lightnets.engine.trainer import Trainer
+
+    if args.resume:
+        run_dir = args.out or _default_run_dir(load_config(args.recipe))
+        saved = run_dir / "config.toml"
+        if not saved.is_file():
+            raise UserError(f"cannot resume: {saved} does not exist (expected a run dir)")
+        config: Config = load_config(saved, args.overrides)
+    else:
+        config = load_config(args.recipe, args.overrides)
+        run_dir = args.out or _default_run_dir(config)
+    trainer = Trainer(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+    row = trainer.fit()
+    if trainer.is_main:
+        print(json.dumps({"run_dir": str(run_dir), **_plain(row)}))
+    return 0
+
+
+def _default_run_dir(config) -> Path:
+    return Path(config.output.root) / (config.output.name or config.model.name)
+
+
+def _plain(row: dict) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+# ---------------------------------------------------------------------------- eval
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="a .pt checkpoint or a run dir (uses last.pt)")
+    p.add_argument("--split", help="data split to evaluate (default: the run's validation split)")
+    p.add_argument("--best", action="store_true", help="with a run dir: use best.pt")
+    _add_set(p)
+
+
+@command("eval", "evaluate a checkpoint on a data split", _eval_args)
+def eval_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from lightnets.data import build_batch_augment, load_dataset
+    from lightnets.engine.checkpoint import load_checkpoint, load_model_state
+    from lightnets.engine.config import load_config
+    from lightnets.engine.trainer import _dataset_attr, evaluate
+    from lightnets.models.registry import create_model
+
+    path = args.checkpoint
+    if path.is_dir():
+        path = path / ("best.pt" if args.best else "last.pt")
+    ckpt = load_checkpoint(path)
+    config = load_config(ckpt["config"], args.overrides)
+    split = args.split or config.data.val_split or "test"
+    dataset = load_dataset(config.data.name, root=config.data.root, split=split, **config.data.args)
+    model = create_model(ckpt["model_name"], **ckpt["model_args"])
+    load_model_state(model, ckpt["model"], ckpt["path"])
+    augment = build_batch_augment(
+        config.data.eval_augment,
+        mean=_dataset_attr(dataset, "mean", None),
+        std=_dataset_attr(dataset, "std", None),
+        image_size=config.data.image_size or _dataset_attr(dataset, "image_size", None),
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.data.eval_batch_size or config.data.batch_size
+    )
+    metrics = evaluate(
+        model,
+        loader,
+        task=config.train.task,
+        augment=augment,
+        num_classes=ckpt["model_args"].get("num_classes"),
+        ignore_index=config.train.ignore_index,
+    )
+    print(json.dumps({"checkpoint": str(path), "split": split, **_plain(metrics)}))
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, help="run directory (default: runs/demo-<timestamp>)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+@command("demo", "train a small CNN on the bundled MNIST subset and report", _demo_args)
+def demo_command(args: argparse.Namespace) -> int:
+    from lightnets.engine.config import load_config
+    from lightnets.engine.trainer import Trainer
+
+    overrides = []
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.no_progress:
+        overrides.append("train.progress=false")
+    config = load_config("mnist_demo", overrides)
+    run_dir = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    print(f"lightnets demo: training {config.model.name} on {config.data.name} (CPU), {run_dir}")
+    start = time.perf_counter()
+    trainer = Trainer(config, run_dir)
+    row = trainer.fit()
+    seconds = time.perf_counter() - start
+    params = sum(p.numel() for p in trainer.model.parameters())
+    print()
+    print("summary")
+    print(f"  model        {config.model.name} ({params:,} parameters)")
+    print(f"  data         {config.data.name}: {len(trainer.train_set)} train / "
+          f"{len(trainer.val_set)} test images")
+    print(f"  test acc     {row['val_acc1']:.2f}%  (loss {row['val_loss']:.4f})")
+    print(f"  time         {seconds:.1f} s for {trainer.epoch} epochs")
+    print(f"  run dir      {run_dir}: config.toml, last.pt, best.pt, metrics.jsonl/.csv, "
+          "curves.png")
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightnets",
+        description="Train light-weight and binary CNNs and ship them with no inference overhead.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_arguments, fn) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lightnets` console script and `python -m lightnets`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"lightnets {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lightnets {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

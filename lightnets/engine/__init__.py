@@ -1,0 +1,16 @@
+"""Training engine: config, trainer, checkpoints, metrics and logging."""
+
+from lightnets.engine.callbacks import Callback, EarlyStopping
+from lightnets.engine.config import Config, list_recipes, load_config
+from lightnets.engine.trainer import NonFiniteError, Trainer, evaluate
+
+__all__ = [
+    "Callback",
+    "Config",
+    "EarlyStopping",
+    "NonFiniteError",
+    "Trainer",
+    "evaluate",
+    "list_recipes",
+    "load_config",
+]

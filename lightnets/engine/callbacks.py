@@ -1,0 +1,69 @@
+"""Hooks into the training loop, so features like early stopping stay out of the loop itself."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from lightnets.errors import UserError
+
+if TYPE_CHECKING:
+    from lightnets.engine.trainer import Trainer
+
+
+class Callback:
+    """Base class: override the hooks you need. Set `trainer.should_stop = True` to end a run."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, info: dict[str, Any]) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What must survive a resume (plain values and tensors only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class EarlyStopping(Callback):
+    """Stop when `monitor` (a column of the epoch row) has not improved for `patience` epochs."""
+
+    def __init__(
+        self, monitor: str, patience: int, mode: str = "max", min_delta: float = 0.0
+    ) -> None:
+        if patience < 1:
+            raise UserError(f"EarlyStopping patience={patience} is invalid: expected >= 1")
+        if mode not in ("max", "min"):
+            raise UserError(f"EarlyStopping mode={mode!r} is invalid: expected 'max' or 'min'")
+        self.monitor, self.patience, self.mode, self.min_delta = monitor, patience, mode, min_delta
+        self.best = -math.inf if mode == "max" else math.inf
+        self.bad_epochs = 0
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        if self.monitor not in row:
+            return
+        value = float(row[self.monitor])
+        better = (
+            value > self.best + self.min_delta
+            if self.mode == "max"
+            else value < self.best - self.min_delta
+        )
+        if better:
+            self.best, self.bad_epochs = value, 0
+        else:
+            self.bad_epochs += 1
+        if self.bad_epochs >= self.patience:
+            trainer.should_stop = True
+            trainer.stop_reason = (
+                f"early stop: {self.monitor} did not improve for {self.patience} epochs"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_epochs = state["best"], state["bad_epochs"]

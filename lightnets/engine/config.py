@@ -1,0 +1,364 @@
+"""Typed training configuration, loaded from TOML recipes and `--set a.b=value` overrides.
+
+A recipe is a TOML file with up to six tables (model, data, optim, schedule, train, output).
+Every key is checked against the dataclasses below, so a typo or a wrong type is refused
+with the list of valid keys or the expected type instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightnets.errors import UserError, did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class ModelConfig:
+    """Which registered model to build; `args` are passed to its factory."""
+
+    name: str = "mnist_cnn"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Dataset, splits, batch size (global, over all processes) and augmentation."""
+
+    name: str = "mnist5k"
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str | None = "test"
+    val_fraction: float = 0.0  # > 0: hold out this fraction of the train split instead
+    batch_size: int = 64
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    augment: list[str] = field(default_factory=lambda: ["normalize"])
+    eval_augment: list[str] = field(default_factory=lambda: ["normalize"])
+    image_size: list[int] | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and weight decay; `lr_reference_batch` applies the linear LR scaling rule."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    norm_weight_decay: float | None = None  # None: same as weight_decay
+    bias_weight_decay: float | None = None  # None: same as weight_decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    lr_reference_batch: int | None = None  # lr is scaled by batch_size / this
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule; `unit` says whether it advances per epoch or per iteration."""
+
+    name: str = "constant"
+    unit: str = "epoch"
+    warmup: int = 0  # in `unit`s
+    warmup_start_factor: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    step_size: int | None = None
+    gamma: float = 0.1
+    power: float = 0.9
+    min_factor: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, task, reproducibility, precision and checkpointing."""
+
+    task: str = "classification"
+    epochs: int = 10
+    max_steps: int | None = None  # iteration-based length; overrides epochs when set
+    seed: int = 0
+    deterministic: bool = False
+    amp: str = "none"
+    device: str = "auto"
+    grad_clip: float | None = None
+    label_smoothing: float = 0.0
+    ignore_index: int | None = None
+    eval_every: int = 1
+    checkpoint_every: int = 0  # also checkpoint every N iterations (0: at epoch ends only)
+    best_metric: str | None = None  # default: acc1 (classification) or miou (segmentation)
+    sync_bn: bool = False
+    progress: bool = True
+
+
+@dataclass
+class OutputConfig:
+    """Where runs go: `root/name` unless `--out` is given."""
+
+    root: str = "runs"
+    name: str | None = None
+    plot: bool = True
+
+
+@dataclass
+class Config:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (None values dropped, as TOML has no null)."""
+        return _drop_none(dataclasses.asdict(self))
+
+    def validate(self) -> Config:
+        """Refuse values that cannot work, naming the key and what is expected."""
+        _check(self.data.batch_size >= 1, "data.batch_size", self.data.batch_size, ">= 1")
+        if self.data.eval_batch_size is not None:
+            _check(
+                self.data.eval_batch_size >= 1,
+                "data.eval_batch_size",
+                self.data.eval_batch_size,
+                ">= 1",
+            )
+        _check(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers, ">= 0")
+        _check(
+            0.0 <= self.data.val_fraction < 1.0,
+            "data.val_fraction",
+            self.data.val_fraction,
+            "in [0, 1)",
+        )
+        _check(self.optim.lr > 0, "optim.lr", self.optim.lr, "> 0")
+        _check(
+            self.optim.weight_decay >= 0,
+            "optim.weight_decay",
+            self.optim.weight_decay,
+            ">= 0",
+        )
+        _check(
+            self.schedule.unit in ("epoch", "step"),
+            "schedule.unit",
+            self.schedule.unit,
+            "'epoch' or 'step'",
+        )
+        _check(self.schedule.warmup >= 0, "schedule.warmup", self.schedule.warmup, ">= 0")
+        _check(self.train.epochs >= 1, "train.epochs", self.train.epochs, ">= 1")
+        if self.train.max_steps is not None:
+            _check(self.train.max_steps >= 1, "train.max_steps", self.train.max_steps, ">= 1")
+        _check(
+            self.train.task in ("classification", "segmentation"),
+            "train.task",
+            self.train.task,
+            "'classification' or 'segmentation'",
+        )
+        _check(
+            self.train.amp in ("none", "bf16"), "train.amp", self.train.amp, "'none' or 'bf16'"
+        )
+        _check(self.train.eval_every >= 1, "train.eval_every", self.train.eval_every, ">= 1")
+        _check(
+            self.train.checkpoint_every >= 0,
+            "train.checkpoint_every",
+            self.train.checkpoint_every,
+            ">= 0",
+        )
+        _check(
+            0.0 <= self.train.label_smoothing < 1.0,
+            "train.label_smoothing",
+            self.train.label_smoothing,
+            "in [0, 1)",
+        )
+        if self.train.grad_clip is not None:
+            _check(self.train.grad_clip > 0, "train.grad_clip", self.train.grad_clip, "> 0")
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise UserError(f"config value {key}={value!r} is invalid: expected {expected}")
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped with lightnets."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """Resolve a recipe given as a file path or as the name of a shipped recipe."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPE_DIR / f"{name_or_path}.toml"
+    if shipped.is_file():
+        return shipped
+    names = list_recipes()
+    raise UserError(
+        f"unknown recipe {str(name_or_path)!r}{did_you_mean(str(name_or_path), names)}: "
+        f"expected a TOML file path or one of {', '.join(names)}"
+    )
+
+
+def load_config(recipe: str | Path | dict | None = None, overrides: list[str] = ()) -> Config:
+    """Build a validated Config from a recipe (name, path or dict) and `a.b=value` overrides."""
+    if recipe is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(recipe, dict):
+        raw = recipe
+    else:
+        path = recipe_path(recipe)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"recipe {path} is not valid TOML: {err}") from None
+    config = _build(Config, raw, "")
+    for item in overrides:
+        apply_override(config, item)
+    if isinstance(recipe, (str, Path)) and config.output.name is None:
+        config.output.name = Path(str(recipe)).stem
+    return config.validate()
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {prefix or '<root>'} must be a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(
+                f"unknown config key {full!r}{did_you_mean(key, names)}: valid keys in "
+                f"{prefix.rstrip('.') or 'the recipe'} are {', '.join(names)}"
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, hint, full)
+    return cls(**kwargs)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert `value` to the annotated type, or explain which type was expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                continue
+        names = " or ".join(_type_name(a) for a in args)
+        raise UserError(f"config value {key}={value!r} has the wrong type: expected {names}")
+    if origin is list:
+        if isinstance(value, str):  # "100,150" from the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [_parse_literal(v) for v in value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(
+                f"config value {key}={value!r} has the wrong type: expected a list of "
+                f"{_type_name(args[0])}"
+            )
+        return [_coerce(v, args[0], key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config value {key}={value!r} has the wrong type: expected a table")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(
+        f"config value {key}={value!r} has the wrong type: expected {_type_name(hint)}"
+    )
+
+
+def _parse_literal(text: str) -> Any:
+    """Parse a command-line value as a TOML literal; bare words stay strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(config: Config, item: str) -> None:
+    """Apply one `section.key=value` (or `section.args.key=value`) override in place."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} is malformed: expected section.key=value")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    sections = [f.name for f in dataclasses.fields(Config)]
+    if len(parts) < 2 or parts[0] not in sections:
+        raise UserError(
+            f"override {dotted!r} must start with a section{did_you_mean(parts[0], sections)}: "
+            f"one of {', '.join(sections)}"
+        )
+    target = getattr(config, parts[0])
+    key = parts[1]
+    names = [f.name for f in dataclasses.fields(target)]
+    if key not in names:
+        raise UserError(
+            f"unknown config key {parts[0]}.{key}{did_you_mean(key, names)}: valid keys in "
+            f"{parts[0]} are {', '.join(names)}"
+        )
+    value = _parse_literal(text.strip())
+    hint = typing.get_type_hints(type(target))[key]
+    if len(parts) > 2:
+        if typing.get_origin(hint) is not dict:
+            raise UserError(f"config key {parts[0]}.{key} is not a table: cannot set {dotted}")
+        table = getattr(target, key)
+        for part in parts[2:-1]:
+            table = table.setdefault(part, {})
+        table[parts[-1]] = value
+        return
+    setattr(target, key, _coerce(value, hint, dotted))
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the fully resolved config as TOML (re-usable as a recipe)."""
+    import tomli_w
+
+    from lightnets.engine.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, tomli_w.dumps(config.to_dict()).encode())

@@ -1,0 +1,73 @@
+"""Distributed data parallel set-up for runs started by torchrun.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything here is a no-op, so
+the same trainer code runs single-process and DDP.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def env_world_size() -> int:
+    """World size torchrun asked for (1 when not launched by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group torchrun prepared; gloo on CPU, nccl on CUDA."""
+    if env_world_size() <= 1 or (dist.is_available() and dist.is_initialized()):
+        return dist.is_available() and dist.is_initialized()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Only rank 0 logs, plots and writes checkpoints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def local_device(requested: str) -> torch.device:
+    """The device this process trains on: `auto` picks this rank's GPU if there is one."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from lightnets.errors import UserError
+
+        raise UserError(f"train.device={requested!r} but CUDA is not available: use 'cpu'")
+    return device
+
+
+def broadcast_object(obj):
+    """Send a picklable object from rank 0 to every rank (identity when not distributed)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

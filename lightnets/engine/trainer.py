@@ -1,0 +1,548 @@
+"""The training loop: config in, run directory (checkpoints, metrics, curves) out.
+
+Everything the loop draws randomness from is either restored from the checkpoint (torch,
+numpy and Python RNGs) or a pure function of (seed, epoch) (the data order), so a run killed
+at any step and resumed ends with exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightnets.engine import distributed as dist_utils
+from lightnets.engine.callbacks import Callback
+from lightnets.engine.checkpoint import (
+    FORMAT,
+    VERSION,
+    atomic_torch_save,
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    set_rng_state,
+)
+from lightnets.engine.config import Config, save_config
+from lightnets.engine.sampler import ResumableSampler
+from lightnets.errors import UserError
+
+
+class NonFiniteError(UserError):
+    """The loss or the gradient became NaN/Inf; the last good checkpoint is kept."""
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed every RNG the loop uses; optionally ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def build_datasets(config: Config) -> tuple[Dataset, Dataset | None]:
+    """Train and validation datasets from the data config."""
+    from lightnets.data import load_dataset, split_train_val
+
+    cfg = config.data
+    train = load_dataset(cfg.name, root=cfg.root, split=cfg.train_split, **cfg.args)
+    if cfg.val_fraction > 0:
+        return split_train_val(train, cfg.val_fraction, seed=config.train.seed)
+    if cfg.val_split:
+        return train, load_dataset(cfg.name, root=cfg.root, split=cfg.val_split, **cfg.args)
+    return train, None
+
+
+def resolve_model_args(config: Config, dataset: Dataset) -> dict[str, Any]:
+    """Model kwargs with num_classes / in_chans filled in from the dataset when not given."""
+    from lightnets.models.registry import model_arguments
+
+    args = dict(config.model.args)
+    accepted = model_arguments(config.model.name)
+    for key in ("num_classes", "in_chans"):
+        if key in accepted and key not in args and hasattr(dataset, key):
+            args[key] = int(getattr(dataset, key))
+    return args
+
+
+def _dataset_attr(dataset: Dataset, name: str, default: Any) -> Any:
+    while not hasattr(dataset, name) and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset  # torch Subset and friends
+    return getattr(dataset, name, default)
+
+
+class Trainer:
+    """Train one model according to a Config, writing everything into `run_dir`."""
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        callbacks: Sequence[Callback] = (),
+        model: nn.Module | None = None,
+        datasets: tuple[Dataset, Dataset | None] | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.callbacks = list(callbacks)
+        self.should_stop = False
+        self.stop_reason = ""
+        self.device = dist_utils.local_device(config.train.device)
+        self.distributed = dist_utils.init_distributed(self.device)
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.is_main = self.rank == 0
+        self._prepare_run_dir(resume, overwrite)
+        seed_everything(config.train.seed, config.train.deterministic)
+
+        self.train_set, self.val_set = datasets if datasets is not None else build_datasets(config)
+        if len(self.train_set) == 0:
+            raise UserError(f"dataset {config.data.name!r} split {config.data.train_split!r} is empty")
+        if config.data.batch_size % self.world:
+            raise UserError(
+                f"data.batch_size={config.data.batch_size} must be divisible by the number of "
+                f"processes ({self.world}): it is the global batch"
+            )
+        self.batch_size = config.data.batch_size // self.world
+        self.model_args = resolve_model_args(config, self.train_set) if model is None else {}
+        if model is None:
+            from lightnets.models.registry import create_model
+
+            model = create_model(config.model.name, **self.model_args)
+        self.model = model.to(self.device)
+        self.train_augment, self.eval_augment = self._build_augment()
+        self.loaders = self._build_loaders()
+        self.steps_per_epoch = len(self.loaders["train_sampler"]) // self.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"data.batch_size={config.data.batch_size} is larger than the training set "
+                f"({len(self.train_set)} samples): expected at most its size"
+            )
+        self.epochs = config.train.epochs
+        self.max_steps = config.train.max_steps
+        if self.max_steps:
+            self.epochs = math.ceil(self.max_steps / self.steps_per_epoch)
+        self.total_steps = self.max_steps or self.epochs * self.steps_per_epoch
+
+        if config.train.sync_bn and self.distributed:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_schedule()
+        self.ddp_model: nn.Module = self.model
+        if self.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+
+        self.epoch = 0  # completed epochs
+        self.batch_in_epoch = 0  # batches done in the current epoch
+        self.step = 0  # optimizer steps done
+        self.best: float | None = None
+        self.train_sums = {"loss": 0.0, "correct": 0.0, "n": 0.0}
+        self.last_row: dict[str, Any] = {}
+        self.best_metric = config.train.best_metric or (
+            "val_miou" if config.train.task == "segmentation" else "val_acc1"
+        )
+        self.logger = None
+        if self.is_main:
+            from lightnets.engine.logging import MetricsLogger
+
+            self.logger = MetricsLogger(self.run_dir)
+        if resume:
+            self._resume()
+        elif self.is_main:
+            save_config(config, self.run_dir / "config.toml")
+
+    # ----------------------------------------------------------------- set-up helpers
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        run_dir = self.run_dir
+        if resume:
+            if not (run_dir / "last.pt").is_file():
+                raise UserError(
+                    f"cannot resume: {run_dir / 'last.pt'} does not exist "
+                    "(expected a run dir with a checkpoint)"
+                )
+            return
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not overwrite:
+                raise UserError(
+                    f"run dir {run_dir} already exists and is not empty: pass --resume to "
+                    "continue it, --overwrite to replace it, or --out for a new dir"
+                )
+            if self.is_main:
+                shutil.rmtree(run_dir)
+        dist_utils.barrier()
+        if self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        dist_utils.barrier()
+
+    def _build_augment(self) -> tuple[nn.Module, nn.Module]:
+        from lightnets.data import build_batch_augment
+
+        cfg = self.config.data
+        mean = _dataset_attr(self.train_set, "mean", None)
+        std = _dataset_attr(self.train_set, "std", None)
+        size = cfg.image_size or _dataset_attr(self.train_set, "image_size", None)
+        train = build_batch_augment(cfg.augment, mean=mean, std=std, image_size=size)
+        evaluate = build_batch_augment(cfg.eval_augment, mean=mean, std=std, image_size=size)
+        return train.to(self.device), evaluate.to(self.device)
+
+    def _build_loaders(self) -> dict[str, Any]:
+        cfg, tcfg = self.config.data, self.config.train
+        sampler = ResumableSampler(
+            len(self.train_set), shuffle=True, seed=tcfg.seed, rank=self.rank, world_size=self.world
+        )
+        pin = self.device.type == "cuda"
+        loaders: dict[str, Any] = {
+            "train_sampler": sampler,
+            "train": DataLoader(
+                self.train_set,
+                batch_size=self.batch_size,
+                sampler=sampler,
+                num_workers=cfg.num_workers,
+                drop_last=True,
+                pin_memory=pin,
+                persistent_workers=False,
+            ),
+        }
+        if self.val_set is not None:
+            loaders["val"] = self.eval_loader(self.val_set)
+        return loaders
+
+    def eval_loader(self, dataset: Dataset) -> DataLoader:
+        """Each rank evaluates its own shard (no padding: metrics are summed over ranks)."""
+        cfg = self.config.data
+        sampler = ResumableSampler(
+            len(dataset), shuffle=False, rank=self.rank, world_size=self.world, pad=False
+        )
+        return DataLoader(
+            dataset,
+            batch_size=(cfg.eval_batch_size or cfg.batch_size),
+            sampler=sampler,
+            num_workers=cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        from lightnets.optim import build_optimizer
+
+        cfg = self.config.optim
+        lr = cfg.lr
+        if cfg.lr_reference_batch:
+            lr = lr * self.config.data.batch_size / cfg.lr_reference_batch
+        self.base_lr = lr
+        return build_optimizer(
+            self.model,
+            cfg.name,
+            lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+            norm_weight_decay=cfg.norm_weight_decay,
+            bias_weight_decay=cfg.bias_weight_decay,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+        )
+
+    def _build_schedule(self):
+        from lightnets.optim.schedules import build_schedule
+
+        cfg = self.config.schedule
+        total = self.epochs if cfg.unit == "epoch" else self.total_steps
+        if cfg.warmup >= total:
+            raise UserError(
+                f"schedule.warmup={cfg.warmup} must be shorter than the run ({total} {cfg.unit}s)"
+            )
+        return build_schedule(
+            self.optimizer,
+            cfg.name,
+            total,
+            warmup_steps=cfg.warmup,
+            warmup_start_factor=cfg.warmup_start_factor,
+            step_size=cfg.step_size,
+            milestones=tuple(cfg.milestones),
+            gamma=cfg.gamma,
+            power=cfg.power,
+            min_factor=cfg.min_factor,
+        )
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything needed to continue this run bit-exactly."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_name": self.config.model.name,
+            "model_args": self.model_args,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step,
+            "best": self.best,
+            "train_sums": dict(self.train_sums),
+            "rng": rng_state(),
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "config": self.config.to_dict(),
+            "metrics": dict(self.last_row),
+        }
+
+    def save(self, name: str = "last") -> Path | None:
+        """Atomically write `<name>.pt` (rank 0 only)."""
+        if not self.is_main:
+            return None
+        path = self.run_dir / f"{name}.pt"
+        atomic_torch_save(self.checkpoint_state(), path)
+        return path
+
+    def _resume(self) -> None:
+        ckpt = load_checkpoint(self.run_dir / "last.pt")
+        if ckpt.get("model_name") != self.config.model.name:
+            raise UserError(
+                f"checkpoint {ckpt['path']} holds model {ckpt.get('model_name')!r}, but the "
+                f"config asks for {self.config.model.name!r}: expected the same model"
+            )
+        load_model_state(self.model, ckpt["model"], ckpt["path"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise UserError(
+                f"checkpoint {ckpt['path']} has optimizer state that does not fit "
+                f"optim.name={self.config.optim.name!r}: {err}"
+            ) from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.step, self.best = ckpt["step"], ckpt["best"]
+        self.train_sums = dict(ckpt["train_sums"])
+        self.last_row = dict(ckpt.get("metrics", {}))
+        for cb, state in zip(self.callbacks, ckpt.get("callbacks", [])):
+            cb.load_state_dict(state)
+        set_rng_state(ckpt["rng"])
+        if self.logger is not None:
+            self.logger.truncate(after_epoch=self.epoch + 1)
+
+    # ----------------------------------------------------------------- the loop
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.train.amp == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        tcfg = self.config.train
+        ignore = -100 if tcfg.ignore_index is None else tcfg.ignore_index
+        return F.cross_entropy(
+            output.float(), target, label_smoothing=tcfg.label_smoothing, ignore_index=ignore
+        )
+
+    def _apply_augment(self, augment: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        if self.config.train.task == "segmentation":
+            return augment(x, y)
+        return augment(x), y
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or until a callback stops), return the last epoch's metrics row."""
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        try:
+            while self.epoch < self.epochs and not self.should_stop and not self._done_steps():
+                self._train_epoch()
+        finally:
+            if self.is_main and self.config.output.plot and self.logger is not None:
+                from lightnets.engine.logging import plot_curves
+
+                plot_curves(self.run_dir)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return self.last_row
+
+    def _done_steps(self) -> bool:
+        return bool(self.max_steps) and self.step >= self.max_steps
+
+    def _train_epoch(self) -> None:
+        from lightnets.engine.logging import ProgressBar
+
+        tcfg = self.config.train
+        sampler: ResumableSampler = self.loaders["train_sampler"]
+        sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.batch_size)
+        if self.batch_in_epoch == 0:
+            self.train_sums = {"loss": 0.0, "correct": 0.0, "n": 0.0}
+        steps_left = self.steps_per_epoch - self.batch_in_epoch
+        if self.max_steps:
+            steps_left = min(steps_left, self.max_steps - self.step)
+        bar = ProgressBar(
+            total=self.steps_per_epoch,
+            desc=f"epoch {self.epoch + 1}/{self.epochs}",
+            disable=not (tcfg.progress and self.is_main),
+            initial=self.batch_in_epoch,
+        )
+        self.ddp_model.train()
+        start = time.perf_counter()
+        images = 0
+        for x, y in self.loaders["train"]:
+            if steps_left <= 0:
+                break
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            with torch.no_grad():
+                x, y = self._apply_augment(self.train_augment, x, y)
+            info = self.train_step(x, y)
+            steps_left -= 1
+            images += x.shape[0] * self.world
+            bar.update(
+                x.shape[0] * self.world,
+                loss=info["loss"],
+                acc=self.train_sums["correct"] / max(self.train_sums["n"], 1) * 100,
+            )
+            for cb in self.callbacks:
+                cb.on_step_end(self, info)
+            if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
+                self.save("last")
+        bar.close()
+        elapsed = time.perf_counter() - start
+        self._end_epoch(images / max(elapsed, 1e-9))
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """One optimizer step; refuses to continue on a non-finite loss or gradient."""
+        tcfg = self.config.train
+        with self.autocast():
+            output = self.ddp_model(x)
+            loss = self.loss_fn(output, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = tcfg.grad_clip if tcfg.grad_clip else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            raise NonFiniteError(
+                f"the {what} became non-finite at epoch {self.epoch + 1} step {self.step + 1}; "
+                f"stopped without saving, {self.run_dir / 'last.pt'} keeps the last good state: "
+                "expected finite values (try a lower optim.lr or train.grad_clip)"
+            )
+        self.optimizer.step()
+        if self.config.schedule.unit == "step":
+            self.scheduler.step()
+        self.step += 1
+        self.batch_in_epoch += 1
+        n = y.shape[0]
+        self.train_sums["loss"] += loss_value * n
+        self.train_sums["n"] += n
+        if self.config.train.task == "classification":
+            self.train_sums["correct"] += float((output.argmax(1) == y).sum())
+        return {"loss": loss_value, "grad_norm": float(grad_norm), "output": output.detach()}
+
+    def _end_epoch(self, images_per_s: float) -> None:
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        if self.config.schedule.unit == "epoch":
+            self.scheduler.step()
+        sums = self._reduce_train_sums()
+        row: dict[str, Any] = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": sums["loss"] / max(sums["n"], 1),
+            "images_per_s": images_per_s,
+        }
+        if self.config.train.task == "classification":
+            row["train_acc1"] = sums["correct"] / max(sums["n"], 1) * 100
+        last = self.epoch >= self.epochs or self._done_steps()
+        if "val" in self.loaders and (self.epoch % self.config.train.eval_every == 0 or last):
+            row.update({f"val_{k}": v for k, v in self.evaluate(self.loaders["val"]).items()})
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, row)
+        self.last_row = row
+        improved = False
+        if self.best_metric in row:
+            value = float(row[self.best_metric])
+            lower_better = self.best_metric.endswith("loss")
+            if self.best is None or (value < self.best if lower_better else value > self.best):
+                self.best, improved = value, True
+        if self.logger is not None:
+            self.logger.log(row)
+        self.save("last")
+        if improved:
+            self.save("best")
+        if self.is_main and self.config.train.progress:
+            shown = ", ".join(
+                f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "lr"
+            )
+            print(f"epoch {self.epoch}/{self.epochs}: {shown}", flush=True)
+
+    def _reduce_train_sums(self) -> dict[str, float]:
+        if not self.distributed:
+            return dict(self.train_sums)
+        keys = sorted(self.train_sums)
+        t = torch.tensor([self.train_sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return dict(zip(keys, t.tolist()))
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader) -> dict[str, Any]:
+        """Metrics over the whole loader (summed over ranks when distributed)."""
+        return evaluate(
+            self.model,
+            loader,
+            task=self.config.train.task,
+            device=self.device,
+            augment=self.eval_augment,
+            loss_fn=self.loss_fn,
+            num_classes=self.model_args.get("num_classes")
+            or _dataset_attr(self.train_set, "num_classes", None),
+            autocast=self.autocast,
+            ignore_index=self.config.train.ignore_index,
+        )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    task: str = "classification",
+    device: torch.device | str = "cpu",
+    augment: nn.Module | None = None,
+    loss_fn=None,
+    num_classes: int | None = None,
+    autocast=contextlib.nullcontext,
+    ignore_index: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate `model` over `loader`: accuracy (classification) or mIoU & co (segmentation)."""
+    from lightnets.engine.metrics import ClassificationMeter, SegmentationMeter
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out.float(), y))
+    if task == "segmentation":
+        meter = SegmentationMeter(num_classes or 2, ignore_index=ignore_index)
+    else:
+        meter = ClassificationMeter(num_classes or 1000)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        if augment is not None:
+            if task == "segmentation":
+                x, y = augment(x, y)
+            else:
+                x = augment(x)
+        with autocast():
+            out = model(x)
+        meter.update(out.float(), y, loss=loss_fn(out, y))
+    model.train(was_training)
+    result = meter.compute()
+    return {k: v for k, v in result.items() if k != "n" and not isinstance(v, list)}
+

@@ -1,0 +1,65 @@
+"""Model registry: every model is built by name, so recipes and the CLI can refer to it.
+
+Factories declare their keyword arguments; `create_model` checks the caller's keywords
+against that signature so a misspelled option is refused instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from lightnets.errors import UserError, did_you_mean
+
+_MODELS: dict[str, Callable[..., torch.nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
+    """Decorator: register a model factory under its function name."""
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"model {fn.__name__!r} is registered twice")
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Sorted names of all registered models."""
+    _load_builtin()
+    return sorted(_MODELS)
+
+
+def model_arguments(name: str) -> dict[str, inspect.Parameter]:
+    """Keyword arguments the factory of `name` accepts."""
+    return dict(inspect.signature(_factory(name)).parameters)
+
+
+def create_model(name: str, **kwargs) -> torch.nn.Module:
+    """Build a registered model by name, refusing keyword arguments it does not take."""
+    factory = _factory(name)
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        valid = [p for p in params if params[p].kind is not p.VAR_POSITIONAL]
+        for key in kwargs:
+            if key not in params:
+                raise UserError(
+                    f"model {name!r} has no option {key!r}{did_you_mean(key, valid)}: "
+                    f"valid options are {', '.join(valid)}"
+                )
+    return factory(**kwargs)
+
+
+def _factory(name: str) -> Callable[..., torch.nn.Module]:
+    _load_builtin()
+    if name not in _MODELS:
+        names = sorted(_MODELS)
+        raise UserError(
+            f"unknown model {name!r}{did_you_mean(name, names)}: expected one of {', '.join(names)}"
+        )
+    return _MODELS[name]
+
+
+def _load_builtin() -> None:
+    """Import the model families so their @register_model decorators run."""
+    import lightnets.models  # noqa: F401
