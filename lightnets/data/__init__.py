@@ -1,1 +1,56 @@
-"""data"""
+"""Datasets and batch augmentation.
+
+`load_dataset(name, root, split)` builds a registered dataset (mnist5k, mnist, cifar10,
+cifar100, folder, and whatever later modules register with `@register_dataset`). Every
+dataset reports num_classes, in_chans, classes, mean, std, image_size and targets.
+`build_batch_augment` turns op names into a module that augments and normalizes whole
+batches on the training device.
+"""
+
+from __future__ import annotations
+
+from lightnets.data import cifar, folder, mnist  # noqa: F401  (register the datasets)
+from lightnets.data.augment import (
+    AUGMENT_OPS,
+    AUGMENT_OPTIONS,
+    BatchAugment,
+    build_batch_augment,
+    parse_augment,
+)
+from lightnets.data.base import (
+    DATASET_ATTRIBUTES,
+    DatasetSubset,
+    ImageTensorDataset,
+    split_train_val,
+    subset,
+)
+from lightnets.data.cifar import CifarUnpickler, read_cifar_binary, read_cifar_pickle
+from lightnets.data.folder import IMG_EXTENSIONS, ImageFolderDataset
+from lightnets.data.mnist import read_idx
+from lightnets.data.registry import list_datasets, load_dataset, register_dataset
+from lightnets.data.transforms import RandomResizedCrop, ResizeCenterCrop, pil_to_tensor
+
+__all__ = [
+    "AUGMENT_OPS",
+    "AUGMENT_OPTIONS",
+    "DATASET_ATTRIBUTES",
+    "IMG_EXTENSIONS",
+    "BatchAugment",
+    "CifarUnpickler",
+    "DatasetSubset",
+    "ImageFolderDataset",
+    "ImageTensorDataset",
+    "RandomResizedCrop",
+    "ResizeCenterCrop",
+    "build_batch_augment",
+    "list_datasets",
+    "load_dataset",
+    "parse_augment",
+    "pil_to_tensor",
+    "read_cifar_binary",
+    "read_cifar_pickle",
+    "read_idx",
+    "register_dataset",
+    "split_train_val",
+    "subset",
+]

@@ -1,0 +1,219 @@
+"""Batch augmentation on the training device, built from a list of op names (kornia).
+
+Datasets hand out uint8 batches; this module converts them to float in [0, 1], applies the
+random geometric ops the recipe names, and normalizes, all on whole batches on the device.
+A segmentation mask passed alongside gets exactly the same geometric ops (nearest
+resampling; pixels padded in get `mask_fill`, default -100 = cross_entropy's ignore_index).
+
+Randomness comes from torch's global generator of the device the module lives on (kornia
+samples its parameters there: the CPU generator on CPU, the CUDA generator after
+`.to("cuda")`), so seeding torch and saving/restoring its RNG states reproduces a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightnets.errors import UserError, did_you_mean
+
+#: Op names build_batch_augment understands, in no particular order.
+AUGMENT_OPS = ("random_resized_crop", "pad_crop", "hflip", "normalize", "scale_pm1", "none")
+#: Ops that are random and dropped for evaluation (train=False).
+RANDOM_OPS = frozenset({"random_resized_crop", "pad_crop", "hflip"})
+#: Options (keyword arguments of build_batch_augment) and their defaults.
+AUGMENT_OPTIONS: dict[str, Any] = {
+    "padding": 4,  # pad_crop: pixels of zero padding on each side before the random crop
+    "scale": (0.08, 1.0),  # random_resized_crop: range of the crop's area fraction
+    "ratio": (3 / 4, 4 / 3),  # random_resized_crop: range of the crop's aspect ratio
+    "flip_p": 0.5,  # hflip: probability of flipping each image
+    "fill": 0.0,  # pad_crop: image value of padded pixels (on the [0, 1] scale)
+    "mask_fill": -100,  # pad_crop: mask value of padded pixels
+}
+
+
+def parse_augment(names: str | Sequence[str] | None) -> list[str]:
+    """Op names from a list or a comma/plus-separated string; refuses unknown names."""
+    if names is None:
+        return []
+    if isinstance(names, str):
+        names = names.replace("+", ",").split(",")
+    ops = [str(n).strip() for n in names if str(n).strip()]
+    for op in ops:
+        if op not in AUGMENT_OPS:
+            raise UserError(
+                f"unknown augmentation {op!r}{did_you_mean(op, AUGMENT_OPS)}: expected any of "
+                f"{', '.join(AUGMENT_OPS)}"
+            )
+    return [op for op in ops if op != "none"]
+
+
+def _size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    size = tuple(int(s) for s in image_size)
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise UserError(f"image_size={image_size!r}: expected an int or [height, width]")
+    return size  # type: ignore[return-value]
+
+
+class BatchAugment(nn.Module):
+    """uint8/float batch (N, C, H, W) -> augmented, normalized float batch.
+
+    `forward(x)` returns the batch; `forward(x, mask)` returns `(batch, mask)` with the same
+    geometric ops applied to the mask ((N, H, W) or (N, 1, H, W)), which comes back as int64.
+    Float input is taken to be on the [0, 1] scale already.
+    """
+
+    def __init__(
+        self,
+        ops: Sequence[str],
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        image_size: int | Sequence[int] | None = None,
+        **opts: Any,
+    ) -> None:
+        super().__init__()
+        unknown = [k for k in opts if k not in AUGMENT_OPTIONS]
+        if unknown:
+            valid = list(AUGMENT_OPTIONS)
+            raise UserError(
+                f"unknown augmentation option {unknown[0]!r}{did_you_mean(unknown[0], valid)}: "
+                f"expected any of {', '.join(valid)}"
+            )
+        self.ops = list(ops)
+        self.opts = {**AUGMENT_OPTIONS, **opts}
+        self.image_size = _size(image_size)
+        self._check_opts()
+        if "normalize" in self.ops:
+            if mean is None or std is None:
+                raise UserError(
+                    "augmentation 'normalize' needs the per-channel mean and std, but the dataset "
+                    "gives none: expected mean= and std= (on the [0, 1] scale)"
+                )
+            m = torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1)
+            s = torch.tensor([float(v) for v in std]).view(1, -1, 1, 1)
+            if m.numel() != s.numel() or (s <= 0).any():
+                raise UserError(
+                    f"normalize mean={tuple(mean)} std={tuple(std)}: expected as many values in "
+                    "each (one per channel) and std > 0"
+                )
+            self.register_buffer("mean", m, persistent=False)
+            self.register_buffer("std", s, persistent=False)
+        # kornia modules per geometric op; size-dependent ones are built on first use when
+        # image_size is not given (the size of the incoming batch is used then)
+        self.geometric = nn.ModuleDict()
+        for i, op in enumerate(self.ops):
+            if op in RANDOM_OPS and (op == "hflip" or self.image_size is not None):
+                self.geometric[str(i)] = self._kornia_op(op, self.image_size)
+
+    def _check_opts(self) -> None:
+        o = self.opts
+        ok = (
+            isinstance(o["padding"], int)
+            and o["padding"] >= 0
+            and 0.0 <= float(o["flip_p"]) <= 1.0
+            and len(o["scale"]) == 2
+            and 0 < o["scale"][0] <= o["scale"][1] <= 1
+            and len(o["ratio"]) == 2
+            and 0 < o["ratio"][0] <= o["ratio"][1]
+        )
+        if not ok:
+            shown = {k: o[k] for k in ("padding", "flip_p", "scale", "ratio")}
+            raise UserError(
+                f"augmentation options {shown}: expected padding >= 0, 0 <= flip_p <= 1, scale = "
+                "(min, max) with 0 < min <= max <= 1, ratio = (min, max) with 0 < min <= max"
+            )
+
+    def _kornia_op(self, op: str, size: tuple[int, int] | None) -> nn.Module:
+        import kornia.augmentation as K
+
+        o = self.opts
+        if op == "hflip":
+            aug = K.RandomHorizontalFlip(p=float(o["flip_p"]))
+        elif op == "pad_crop":
+            aug = K.RandomCrop(size, padding=int(o["padding"]), fill=float(o["fill"]))
+        else:
+            aug = K.RandomResizedCrop(size, scale=tuple(o["scale"]), ratio=tuple(o["ratio"]))
+        return K.AugmentationSequential(aug, data_keys=["input"])
+
+    def _geometric_op(self, i: int, op: str, x: torch.Tensor) -> nn.Module:
+        key = (
+            str(i)
+            if op == "hflip" or self.image_size is not None
+            else f"{i}_{x.shape[-2]}x{x.shape[-1]}"
+        )
+        if key not in self.geometric:
+            self.geometric[key] = self._kornia_op(op, (x.shape[-2], x.shape[-1])).to(x.device)
+        return self.geometric[key]
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.ndim != 4:
+            raise ValueError(f"expected a batch (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        elif not x.is_floating_point():
+            raise ValueError(f"expected a uint8 or float batch, got {x.dtype}")
+        m = None
+        if mask is not None and any(op in RANDOM_OPS for op in self.ops):
+            m = mask.reshape(mask.shape[0], 1, *mask.shape[-2:]).float()
+            m = m - float(self.opts["mask_fill"])  # padding fills 0: shift so it lands on mask_fill
+        for i, op in enumerate(self.ops):
+            if op in RANDOM_OPS:
+                aug = self._geometric_op(i, op, x)
+                if m is None:
+                    x = aug(x)
+                else:
+                    x, m = aug(x, m, data_keys=["input", "mask"])
+            elif op == "normalize":
+                if self.mean.shape[1] != x.shape[1]:
+                    raise UserError(
+                        f"normalize has {self.mean.shape[1]} mean/std values but the batch has "
+                        f"{x.shape[1]} channels: expected one value per channel"
+                    )
+                x = (x - self.mean) / self.std
+            elif op == "scale_pm1":
+                x = x * 2.0 - 1.0
+        if mask is None:
+            return x
+        if m is None:
+            return x, mask
+        m = (m + float(self.opts["mask_fill"])).round().long()
+        return x, m[:, 0] if mask.ndim == 3 else m
+
+    def extra_repr(self) -> str:
+        size = f", image_size={self.image_size}" if self.image_size else ""
+        return f"ops={self.ops}{size}"
+
+
+def build_batch_augment(
+    names: str | Sequence[str] | None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    image_size: int | Sequence[int] | None = None,
+    *,
+    train: bool = True,
+    **opts: Any,
+) -> BatchAugment:
+    """Batch augmentation from op names, e.g. ["pad_crop", "hflip", "normalize"].
+
+    Ops run in the given order after the uint8 -> [0, 1] conversion: `random_resized_crop`
+    (to image_size, options scale/ratio), `pad_crop` (pad by `padding`, random crop back to
+    image_size: the CIFAR recipe), `hflip` (probability flip_p), `normalize` ((x - mean) /
+    std), `scale_pm1` (x * 2 - 1, i.e. pixel / 127.5 - 1: the BinaryNet recipe), `none`.
+    image_size defaults to the size of the incoming batch. `train=False` drops the random
+    ops, leaving the evaluation transform (convert + normalize/scale).
+    """
+    ops = parse_augment(names)
+    if not train:
+        ops = [op for op in ops if op not in RANDOM_OPS]
+    return BatchAugment(ops, mean=mean, std=std, image_size=image_size, **opts)

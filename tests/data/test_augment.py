@@ -1,0 +1,171 @@
+"""Batch augmentation: shapes, exact op semantics, masks, reproducibility, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightnets.data import AUGMENT_OPS, build_batch_augment
+from lightnets.errors import UserError
+
+MEAN = (0.5, 0.4, 0.3)
+STD = (0.2, 0.25, 0.3)
+
+
+def _batch(n=6, c=3, h=12, w=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=g)
+
+
+def test_eval_normalize_matches_formula():
+    x = _batch()
+    aug = build_batch_augment(["normalize"], mean=MEAN, std=STD)
+    expected = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(
+        1, 3, 1, 1
+    )
+    out = aug(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(aug(x.float() / 255), expected)  # float input: already [0, 1]
+
+
+def test_scale_pm1_and_none():
+    x = _batch()
+    torch.testing.assert_close(build_batch_augment("scale_pm1")(x), x.float() / 127.5 - 1)
+    torch.testing.assert_close(build_batch_augment(["none"])(x), x.float() / 255)
+    torch.testing.assert_close(build_batch_augment([])(x), x.float() / 255)
+
+
+def test_pad_crop_is_a_window_of_the_zero_padded_batch():
+    x = _batch(n=8)
+    torch.manual_seed(0)
+    out = build_batch_augment(["pad_crop"], image_size=(12, 10), padding=2)(x)
+    assert out.shape == (8, 3, 12, 10)
+    padded = F.pad(x.float() / 255, (2, 2, 2, 2))
+    offsets = set()
+    for i in range(len(x)):
+        found = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(out[i], padded[i, :, dy : dy + 12, dx : dx + 10])
+        ]
+        assert found, f"sample {i} is not a crop of the padded image"
+        offsets.add(found[0])
+    assert len(offsets) > 1  # offsets are drawn per sample
+
+
+def test_pad_crop_uses_batch_size_without_image_size():
+    out = build_batch_augment("pad_crop,hflip,normalize", mean=MEAN, std=STD)(_batch(h=9, w=7))
+    assert out.shape == (6, 3, 9, 7)
+
+
+def test_hflip_forced_and_never():
+    x = _batch()
+    torch.testing.assert_close(build_batch_augment(["hflip"], flip_p=1.0)(x), x.flip(-1) / 255)
+    torch.testing.assert_close(build_batch_augment(["hflip"], flip_p=0.0)(x), x.float() / 255)
+    torch.manual_seed(1)
+    out = build_batch_augment(["hflip"])(_batch(n=64))
+    ref = _batch(n=64).float() / 255
+    flipped = [torch.equal(o, r.flip(-1)) for o, r in zip(out, ref)]
+    kept = [torch.equal(o, r) for o, r in zip(out, ref)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+def test_random_resized_crop_output_size():
+    out = build_batch_augment(["random_resized_crop"], image_size=8, scale=(0.5, 1.0))(_batch())
+    assert out.shape == (6, 3, 8, 8)
+    full = build_batch_augment(
+        ["random_resized_crop"], image_size=(12, 10), scale=(1, 1), ratio=(10 / 12, 10 / 12)
+    )(_batch())
+    torch.testing.assert_close(full, _batch().float() / 255, atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_output_and_rng_restore():
+    x = _batch(n=16)
+    aug = build_batch_augment(
+        ["random_resized_crop", "pad_crop", "hflip", "normalize"],
+        mean=MEAN,
+        std=STD,
+        image_size=(12, 10),
+    )
+    torch.manual_seed(7)
+    a = aug(x)
+    torch.manual_seed(7)
+    b = aug(x)
+    assert torch.equal(a, b)
+    state = torch.get_rng_state()  # what the trainer checkpoints
+    c = aug(x)
+    torch.set_rng_state(state)
+    assert torch.equal(aug(x), c)
+    assert not torch.equal(a, c)
+
+
+def test_train_false_keeps_only_value_ops():
+    aug = build_batch_augment(["pad_crop", "hflip", "normalize"], mean=MEAN, std=STD, train=False)
+    assert aug.ops == ["normalize"]
+    x = _batch()
+    torch.testing.assert_close(aug(x), build_batch_augment("normalize", mean=MEAN, std=STD)(x))
+
+
+def test_mask_gets_the_same_geometry():
+    n, h, w = 12, 12, 10
+    mask = torch.randint(0, 5, (n, h, w))
+    x = (mask[:, None] * 50).repeat(1, 3, 1, 1).to(torch.uint8)  # image pixels = 50 * mask
+    # pad_crop + hflip move whole pixels: image and mask must agree exactly
+    aug = build_batch_augment(["pad_crop", "hflip"], padding=3, mask_fill=255)
+    torch.manual_seed(0)
+    out, m = aug(x, mask[:, None])
+    assert m.shape == (n, 1, h, w) and m.dtype == torch.long
+    inside = m[:, 0] != 255
+    assert (~inside).any() and inside.any()
+    assert torch.equal((out[:, 0] * 255 / 50).round().long()[inside], m[:, 0][inside])
+    assert (out[:, 0][~inside] == 0).all()
+
+
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_mask_follows_random_resized_crop(axis):
+    """Stripes along one axis: the nearest-resampled mask stays within one stripe of the
+    bilinear image everywhere, which fails if the two were cropped or flipped differently."""
+    n, h, w = 16, 12, 12
+    stripes = torch.arange(w if axis == -1 else h) // 2  # values 0..5
+    mask = (stripes.view(1, -1) if axis == -1 else stripes.view(-1, 1)).expand(h, w)
+    mask = mask.repeat(n, 1, 1)
+    x = (mask[:, None] * 40).repeat(1, 3, 1, 1).to(torch.uint8)
+    aug = build_batch_augment(
+        ["hflip", "random_resized_crop"], image_size=(8, 10), scale=(0.2, 0.6)
+    )
+    torch.manual_seed(0)
+    out, m = aug(x, mask)
+    assert m.shape == (n, 8, 10) and m.dtype == torch.long
+    assert set(m.unique().tolist()) <= set(range(6))
+    img = out[:, 0] * 255 / 40
+    assert ((img - m).abs() <= 1 + 1e-4).all()
+    assert ((img - m).abs() < 1e-4).float().mean() > 0.5  # mostly inside a stripe: equal
+
+
+def test_mask_passes_through_value_ops():
+    mask = torch.randint(0, 3, (6, 12, 10), dtype=torch.uint8)
+    out, m = build_batch_augment(["normalize"], mean=MEAN, std=STD)(_batch(), mask)
+    assert m is mask and out.shape == (6, 3, 12, 10)
+
+
+def test_unknown_op_and_option():
+    with pytest.raises(UserError) as err:
+        build_batch_augment(["pad_crop", "hfilp"])
+    msg = str(err.value)
+    assert "'hfilp'" in msg and "did you mean 'hflip'" in msg
+    assert all(op in msg for op in AUGMENT_OPS)
+    with pytest.raises(UserError, match="unknown augmentation option 'pading'"):
+        build_batch_augment(["pad_crop"], pading=4)
+    with pytest.raises(UserError, match="padding >= 0"):
+        build_batch_augment(["pad_crop"], padding=-1)
+
+
+def test_normalize_needs_stats_matching_channels():
+    with pytest.raises(UserError, match="needs the per-channel mean and std"):
+        build_batch_augment(["normalize"])
+    aug = build_batch_augment(["normalize"], mean=(0.1307,), std=(0.3081,))
+    with pytest.raises(UserError, match="1 mean/std values but the batch has 3 channels"):
+        aug(_batch())
