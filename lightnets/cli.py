@@ -159,12 +159,15 @@ def demo_command(args: argparse.Namespace) -> int:
     print()
     print("summary")
     print(f"  model        {config.model.name} ({params:,} parameters)")
-    print(f"  data         {config.data.name}: {len(trainer.train_set)} train / "
-          f"{len(trainer.val_set)} test images")
+    print(
+        f"  data         {config.data.name}: {len(trainer.train_set)} train / "
+        f"{len(trainer.val_set)} test images"
+    )
     print(f"  test acc     {row['val_acc1']:.2f}%  (loss {row['val_loss']:.4f})")
     print(f"  time         {seconds:.1f} s for {trainer.epoch} epochs")
-    print(f"  run dir      {run_dir}: config.toml, last.pt, best.pt, metrics.jsonl/.csv, "
-          "curves.png")
+    print(
+        f"  run dir      {run_dir}: config.toml, last.pt, best.pt, metrics.jsonl/.csv, curves.png"
+    )
     return 0
 
 

@@ -167,9 +167,7 @@ class Config:
             self.train.task,
             "'classification' or 'segmentation'",
         )
-        _check(
-            self.train.amp in ("none", "bf16"), "train.amp", self.train.amp, "'none' or 'bf16'"
-        )
+        _check(self.train.amp in ("none", "bf16"), "train.amp", self.train.amp, "'none' or 'bf16'")
         _check(self.train.eval_every >= 1, "train.eval_every", self.train.eval_every, ">= 1")
         _check(
             self.train.checkpoint_every >= 0,
@@ -309,9 +307,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
-    raise UserError(
-        f"config value {key}={value!r} has the wrong type: expected {_type_name(hint)}"
-    )
+    raise UserError(f"config value {key}={value!r} has the wrong type: expected {_type_name(hint)}")
 
 
 def _parse_literal(text: str) -> Any:

@@ -111,7 +111,9 @@ class Trainer:
 
         self.train_set, self.val_set = datasets if datasets is not None else build_datasets(config)
         if len(self.train_set) == 0:
-            raise UserError(f"dataset {config.data.name!r} split {config.data.train_split!r} is empty")
+            raise UserError(
+                f"dataset {config.data.name!r} split {config.data.train_split!r} is empty"
+            )
         if config.data.batch_size % self.world:
             raise UserError(
                 f"data.batch_size={config.data.batch_size} must be divisible by the number of "
@@ -215,7 +217,9 @@ class Trainer:
                 num_workers=cfg.num_workers,
                 drop_last=True,
                 pin_memory=pin,
-                persistent_workers=False,
+                # Its own generator: creating an iterator must not draw from the global RNG
+                # (a resumed epoch creates one more iterator than an uninterrupted run).
+                generator=torch.Generator(),
             ),
         }
         if self.val_set is not None:
@@ -234,6 +238,7 @@ class Trainer:
             sampler=sampler,
             num_workers=cfg.num_workers,
             pin_memory=self.device.type == "cuda",
+            generator=torch.Generator(),  # evaluating must not move the global RNG
         )
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -378,6 +383,7 @@ class Trainer:
         tcfg = self.config.train
         sampler: ResumableSampler = self.loaders["train_sampler"]
         sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.batch_size)
+        self.loaders["train"].generator.manual_seed(tcfg.seed * 1_000_003 + self.epoch)
         if self.batch_in_epoch == 0:
             self.train_sums = {"loss": 0.0, "correct": 0.0, "n": 0.0}
         steps_left = self.steps_per_epoch - self.batch_in_epoch
@@ -487,7 +493,9 @@ class Trainer:
         if not self.distributed:
             return dict(self.train_sums)
         keys = sorted(self.train_sums)
-        t = torch.tensor([self.train_sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        t = torch.tensor(
+            [self.train_sums[k] for k in keys], dtype=torch.float64, device=self.device
+        )
         torch.distributed.all_reduce(t)
         return dict(zip(keys, t.tolist()))
 
@@ -545,4 +553,3 @@ def evaluate(
     model.train(was_training)
     result = meter.compute()
     return {k: v for k, v in result.items() if k != "n" and not isinstance(v, list)}
-

@@ -40,7 +40,7 @@ def create_model(name: str, **kwargs) -> torch.nn.Module:
     factory = _factory(name)
     params = inspect.signature(factory).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        valid = [p for p in params if params[p].kind is not p.VAR_POSITIONAL]
+        valid = [n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL]
         for key in kwargs:
             if key not in params:
                 raise UserError(

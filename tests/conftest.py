@@ -1,0 +1,43 @@
+"""Shared test helpers: run the CLI in a subprocess, tiny recipe overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# pytest-xdist runs one worker per core: more threads per worker only oversubscribes.
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small, fast settings for the demo recipe: a narrow CNN, no progress bar, no plots.
+TINY = [
+    "model.args.width=16",
+    "train.progress=false",
+    "output.plot=false",
+]
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`python -m lightnets ARGS` in a fresh process (exit code and stderr as a user sees them)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "lightnets", *args],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY)

@@ -1,0 +1,101 @@
+"""The training loop: it learns, it stops on NaN keeping the last good checkpoint, it logs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightnets.engine import Callback, EarlyStopping, NonFiniteError, Trainer, load_config
+from lightnets.engine.checkpoint import load_checkpoint
+from lightnets.errors import UserError
+from tests.conftest import TINY
+
+
+def test_short_run_learns_and_writes_run_dir(tmp_path):
+    config = load_config("mnist_demo", [*TINY, "train.epochs=2", "output.plot=true"])
+    row = Trainer(config, tmp_path / "run").fit()
+    run = tmp_path / "run"
+    assert row["val_acc1"] > 80.0  # 10 classes: chance is 10%
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "train_loss", "val_acc1", "lr"} <= set(header)
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "config.toml").is_file()
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert last["epoch"] == 2 and last["step"] == 2 * (4000 // 64)
+    assert best["best"] == max(r["val_acc1"] for r in rows)
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    config = load_config("mnist_demo", TINY)
+    with pytest.raises(UserError, match="already exists"):
+        Trainer(config, run)
+    assert (run / "precious.txt").read_text() == "keep me"
+    with pytest.raises(UserError, match="cannot resume"):
+        Trainer(config, tmp_path / "elsewhere", resume=True)
+
+
+class _ExplodesAfter(nn.Module):
+    """A linear classifier whose output becomes NaN from its `after`-th forward on."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(28 * 28, 10)
+        self.calls, self.after = 0, after
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.fc(x.flatten(1))
+        return out * math.nan if self.calls > self.after else out
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = load_config("mnist_demo", [*TINY, "train.checkpoint_every=1"])
+    trainer = Trainer(config, tmp_path / "run", model=_ExplodesAfter(after=3))
+    with pytest.raises(NonFiniteError, match="loss became non-finite at epoch 1 step 4"):
+        trainer.fit()
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_callbacks_see_steps_and_can_stop(tmp_path):
+    class Count(Callback):
+        steps = 0
+
+        def on_step_end(self, trainer, info):
+            Count.steps += 1
+            assert math.isfinite(info["loss"])
+
+    stopper = EarlyStopping("val_acc1", patience=1, mode="min")  # acc rises: stops after epoch 2
+    config = load_config("mnist_demo", [*TINY, "train.epochs=5"])
+    trainer = Trainer(config, tmp_path / "run", callbacks=[Count(), stopper])
+    trainer.fit()
+    assert trainer.epoch == 2 and "early stop" in trainer.stop_reason
+    assert Count.steps == 2 * (4000 // 64)
+
+
+def test_max_steps_bf16_and_step_schedule(tmp_path):
+    config = load_config(
+        "mnist_demo",
+        [*TINY, "train.max_steps=7", "train.amp=bf16", "schedule.name=linear", "schedule.warmup=2"],
+    )
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.fit()
+    assert trainer.step == 7
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_batch_larger_than_dataset_is_refused(tmp_path):
+    config = load_config("mnist_demo", [*TINY, "data.batch_size=5000"])
+    with pytest.raises(UserError, match="larger than the training set"):
+        Trainer(config, tmp_path / "run")

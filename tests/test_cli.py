@@ -1,0 +1,93 @@
+"""The command line: user errors are one line with exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lightnets.cli import main
+from tests.conftest import TINY, run_cli
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "no_such_recipe"], "unknown recipe 'no_such_recipe'"),
+        (["train", "mnist_demo", "--set", "optim.lr=-1"], "optim.lr=-1.0 is invalid: expected > 0"),
+        (["train", "mnist_demo", "--set", "data.batch_size=0"], "data.batch_size=0"),
+        (["train", "mnist_demo", "--set", "model.name=resnet999"], "unknown model 'resnet999'"),
+        (["train", "mnist_demo", "--set", "model.args.widht=3"], "did you mean 'width'"),
+        (
+            ["train", "mnist_demo", "--set", "data.name=cifar10", "--set", "data.root=/nope"],
+            "/nope",
+        ),
+        (["eval", "/no/such/checkpoint.pt"], "does not exist"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(argv, fragment, capsys, tmp_path):
+    code = main([*argv, "--out", str(tmp_path / "run")] if argv[0] == "train" else argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert fragment in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    bad = tmp_path / "run"
+    bad.mkdir()
+    (bad / "config.toml").write_text("")
+    (bad / "last.pt").write_bytes(b"garbage")
+    result = run_cli("train", "mnist_demo", "--out", str(bad), "--resume")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    result = run_cli("train", "mnist_demo", "--out", str(bad))
+    assert result.returncode == 2 and "already exists" in result.stderr
+
+
+def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "mnist_demo",
+                *_sets([*TINY, "train.max_steps=2", "schedule.warmup=0"]),
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["train", "mnist_demo", "--out", str(run), "--resume"]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_train_one_epoch_then_eval(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "mnist_demo", *_sets([*TINY, "train.epochs=1"]), "--out", str(run)]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["epoch"] == 1 and summary["val_acc1"] > 70
+    assert main(["eval", str(run), "--split", "test"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["acc1"] == pytest.approx(summary["val_acc1"], abs=1e-6)
+
+
+def test_help_for_every_command():
+    for command in ["train", "eval", "demo"]:
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and "usage: lightnets" in result.stdout
+
+
+def test_demo_short(tmp_path, capsys):
+    assert main(["demo", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "test acc" in out and "parameters" in out
+    assert (tmp_path / "d" / "curves.png").is_file()
