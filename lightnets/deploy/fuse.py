@@ -1,0 +1,219 @@
+"""Fold normalization into the preceding linear layer, for any model.
+
+`fuse(model)` returns an eval-mode copy in which every `FBNConv2d` is the one `nn.Conv2d` it
+equals at inference, every Conv1d/2d/3d (any groups, depthwise included) whose output goes only
+into a BatchNorm is that conv with the BN folded into its weight and bias, and every Linear
+followed by BatchNorm1d likewise. The outputs equal ``model.eval()(x)``.
+
+Which conv feeds which norm is read from the data flow, never guessed from attribute order:
+`find_pairs` traces the model with torch.fx (modules that hold no candidates are leaves, so
+exotic layers do not break the trace); where a module does not trace (data-dependent control
+flow) it recurses into its children, and inside an `nn.Sequential` it takes a conv directly
+followed by a norm, which is data flow by construction. `convert_norm` uses the same search.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightnets.nn.fbn import FBNConv2d
+
+__all__ = [
+    "find_pairs",
+    "fold_bn",
+    "fuse",
+    "is_foldable_linear",
+    "is_foldable_norm",
+    "set_module",
+]
+
+_CONV_NORM = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+_BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+
+
+def is_foldable_linear(module: nn.Module) -> bool:
+    """A Conv1d/2d/3d or Linear whose forward is torch's own (not a quantized/custom subclass)."""
+    for base in (*_CONV_NORM, nn.Linear):
+        if isinstance(module, base):
+            return type(module).forward is base.forward
+    return False
+
+
+def is_foldable_norm(module: nn.Module) -> bool:
+    """A torch BatchNorm (or SyncBatchNorm) layer; whether its statistics allow folding aside."""
+    return isinstance(module, _BatchNorm) and type(module).forward in _BN_FORWARDS
+
+
+def _matches(linear: nn.Module, norm: nn.Module) -> bool:
+    """Same number of channels, and the norm of the matching dimensionality."""
+    if isinstance(norm, nn.SyncBatchNorm):
+        kinds_ok = True
+    elif isinstance(linear, nn.Linear):
+        kinds_ok = isinstance(norm, nn.BatchNorm1d)
+    else:
+        kinds_ok = any(isinstance(linear, c) and isinstance(norm, n) for c, n in _CONV_NORM.items())
+    out = linear.out_features if isinstance(linear, nn.Linear) else linear.out_channels
+    return kinds_ok and norm.num_features == out
+
+
+class _Tracer(torch.fx.Tracer):
+    """Leaves: torch's modules, the candidates, and any module that contains no candidate."""
+
+    def __init__(self, is_candidate: Callable[[nn.Module], bool]) -> None:
+        super().__init__()
+        self.is_candidate = is_candidate
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if self.is_candidate(m):
+            return True
+        if not any(self.is_candidate(sub) for sub in m.modules()):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _pairs_fx(
+    module: nn.Module,
+    prefix: str,
+    is_first: Callable[[nn.Module], bool],
+    is_second: Callable[[nn.Module], bool],
+) -> list[tuple[str, str]]:
+    tracer = _Tracer(lambda m: is_first(m) or is_second(m))
+    graph = tracer.trace(module)
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not is_second(module.get_submodule(node.target)):
+            continue
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        src = node.args[0]
+        if src.op != "call_module" or not is_first(module.get_submodule(src.target)):
+            continue
+        if len(src.users) != 1 or calls[src.target] != 1 or calls[node.target] != 1:
+            continue  # the conv's output is used elsewhere too, or a module is called twice
+        pairs.append((_join(prefix, src.target), _join(prefix, node.target)))
+    return pairs
+
+
+def _pairs_fallback(
+    module: nn.Module,
+    prefix: str,
+    is_first: Callable[[nn.Module], bool],
+    is_second: Callable[[nn.Module], bool],
+) -> Iterator[tuple[str, str]]:
+    if isinstance(module, nn.Sequential):
+        children = list(module.named_children())
+        for (a_name, a), (b_name, b) in zip(children, children[1:]):
+            if is_first(a) and is_second(b):
+                yield _join(prefix, a_name), _join(prefix, b_name)
+    for name, child in module.named_children():
+        yield from _find(child, _join(prefix, name), is_first, is_second)
+
+
+def _find(module, prefix, is_first, is_second) -> list[tuple[str, str]]:
+    if not any(is_second(m) for m in module.modules()):
+        return []
+    try:
+        return _pairs_fx(module, prefix, is_first, is_second)
+    except Exception:  # not traceable (control flow on values, ...): look inside
+        return list(_pairs_fallback(module, prefix, is_first, is_second))
+
+
+def find_pairs(
+    model: nn.Module,
+    is_first: Callable[[nn.Module], bool] = is_foldable_linear,
+    is_second: Callable[[nn.Module], bool] = is_foldable_norm,
+) -> list[tuple[str, str]]:
+    """(first, second) qualified names where first's output feeds only second.
+
+    torch.fx where the model traces, its children where it does not, and direct succession in
+    `nn.Sequential` containers. Modules that occur more than once in the model are never
+    paired (folding into a shared module would change its other uses).
+    """
+    occurrences = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    shared = {key for key, count in occurrences.items() if count > 1}
+    seen: set[str] = set()
+    result = []
+    for first, second in _find(model, "", is_first, is_second):
+        a, b = model.get_submodule(first), model.get_submodule(second)
+        if id(a) in shared or id(b) in shared or first in seen or second in seen:
+            continue
+        seen.update((first, second))
+        result.append((first, second))
+    return result
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at the qualified `name` ("layer1.0.conv1") by `new`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+@torch.no_grad()
+def fold_bn(linear: nn.Module, bn: _BatchNorm) -> None:
+    """Fold an eval-mode BatchNorm into the preceding conv/linear in place (adds a bias).
+
+    a = gamma / sqrt(running_var + eps); W' = a W (per output channel); b' = a (b - mean) + beta.
+    Computed in float64 and cast back.
+    """
+    w = linear.weight
+    a = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        a = a * bn.weight.double()
+    bias = linear.bias.double() if linear.bias is not None else torch.zeros_like(a)
+    bias = (bias - bn.running_mean.double()) * a
+    if bn.bias is not None:
+        bias = bias + bn.bias.double()
+    w.copy_((w.double() * a.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+    if linear.bias is None:
+        linear.bias = nn.Parameter(bias.to(w.dtype))
+    else:
+        linear.bias.copy_(bias.to(w.dtype))
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` with every foldable normalization folded away.
+
+    FBNConv2d -> nn.Conv2d with bias; Conv(1d/2d/3d)/Linear -> BatchNorm -> the conv/linear with
+    folded weight and bias, the BN replaced by nn.Identity. `model` itself is not modified (its
+    training flag included). BatchNorms that cannot be folded (no running statistics, or no conv
+    feeding only them) are left in place and reported with a warning.
+    """
+    fused = copy.deepcopy(model).eval()
+    for name, module in list(fused.named_modules()):
+        if isinstance(module, FBNConv2d):
+            if name:
+                set_module(fused, name, module.to_conv())
+            else:
+                fused = module.to_conv().eval()
+
+    def norm_with_stats(m: nn.Module) -> bool:
+        return is_foldable_norm(m) and m.running_mean is not None
+
+    for first, second in find_pairs(fused, is_foldable_linear, norm_with_stats):
+        linear, bn = fused.get_submodule(first), fused.get_submodule(second)
+        if not _matches(linear, bn):
+            continue
+        fold_bn(linear, bn)
+        if second:
+            set_module(fused, second, nn.Identity())
+
+    left = [name or type(m).__name__ for name, m in fused.named_modules() if is_foldable_norm(m)]
+    if left:
+        warnings.warn(
+            f"fuse: left {len(left)} BatchNorm layer(s) unfolded: {', '.join(left)} "
+            "(no running statistics, or not fed only by a conv/linear)",
+            stacklevel=2,
+        )
+    return fused
