@@ -1,0 +1,245 @@
+"""ResNet-18 / ResNet-50 (He et al.), torchvision's architecture and parameter names, with BN or
+FBN (Finet paper, Table 7).
+
+The layout is torchvision's ResNet v1.5 (stride of a Bottleneck in its 3x3 conv): stem
+`conv1` (7x7/2) + `bn1` + `relu` + `maxpool` (3x3/2), `layer1`..`layer4`, `avgpool`, `fc`;
+blocks with `conv1`/`bn1`, `conv2`/`bn2` (`conv3`/`bn3`), `downsample` = Sequential(1x1 conv
+stride s, BN) when the shape changes. With the default options the state_dict keys and
+parameter counts equal torchvision's (11,689,512 and 25,557,032 at 1000 classes).
+`cifar_stem=True`: a 3x3 stride-1 stem conv and no max-pool, for 32x32 inputs.
+
+`norm="fbn"`: every conv + BN pair except the stem (whose input is the image) becomes one
+`FBNConv2d` with `fbn_groups` groups: in a BasicBlock conv1 (3x3) and conv2 (3x3); in a
+Bottleneck conv1 (1x1), conv2 (3x3) and conv3 (1x1); and the 1x1 `downsample.0` conv of every
+block that has one. The pair's BN slot (`bn1`, `bn2`, ...) is then an `nn.Identity` and
+`downsample` is Sequential(FBNConv2d). Any other `norm` is a plain norm layer made by
+`lightnets.nn.blocks.norm_layer`; the stem always uses that (BN for "fbn").
+
+`zero_init_last=True` zeroes the scale of the last norm of each residual block (bn2 /
+bn3, or the FBN conv's `norm_weight`), so every block starts as the identity.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lightnets.errors import UserError
+from lightnets.models.registry import register_model
+from lightnets.nn.blocks import fbn_conv, fbn_groups_for, norm_layer
+
+
+class _NormSpec:
+    """How to build a conv + norm pair: plain norm of `kind`, or FBN with `fbn_groups`."""
+
+    def __init__(self, kind: str, fbn_groups: int, fbn_impl: str, name: str) -> None:
+        self.kind = kind
+        self.fbn_groups = fbn_groups
+        self.fbn_impl = fbn_impl
+        self.name = name
+
+    @property
+    def stem_kind(self) -> str:
+        return "bn" if self.kind == "fbn" else self.kind
+
+    def conv_norm(
+        self, cin: int, cout: int, k: int, stride: int, padding: int, where: str
+    ) -> tuple[nn.Module, nn.Module]:
+        if self.kind == "fbn":
+            g = fbn_groups_for(cin, self.fbn_groups, None, f"{self.name} {where} ({cin}->{cout})")
+            conv = fbn_conv(cin, cout, k, stride, padding, fbn_groups=g, impl=self.fbn_impl)
+            return conv, nn.Identity()
+        conv = nn.Conv2d(cin, cout, k, stride, padding, bias=False)
+        return conv, norm_layer(self.kind, cout)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + norm layers and a shortcut (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int, spec: _NormSpec, where: str
+    ) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = spec.conv_norm(inplanes, planes, 3, stride, 1, f"{where}.conv1")
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = spec.conv_norm(planes, planes, 3, 1, 1, f"{where}.conv2")
+        self.downsample = _downsample(inplanes, planes, stride, spec, where)
+        self.stride = stride
+
+    def last_norm(self) -> nn.Module:
+        return self.conv2 if isinstance(self.bn2, nn.Identity) else self.bn2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carries the stride, v1.5), 1x1 expand x4, and a shortcut."""
+
+    expansion = 4
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int, spec: _NormSpec, where: str
+    ) -> None:
+        super().__init__()
+        width = planes
+        out = planes * self.expansion
+        self.conv1, self.bn1 = spec.conv_norm(inplanes, width, 1, 1, 0, f"{where}.conv1")
+        self.conv2, self.bn2 = spec.conv_norm(width, width, 3, stride, 1, f"{where}.conv2")
+        self.conv3, self.bn3 = spec.conv_norm(width, out, 1, 1, 0, f"{where}.conv3")
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = _downsample(inplanes, out, stride, spec, where)
+        self.stride = stride
+
+    def last_norm(self) -> nn.Module:
+        return self.conv3 if isinstance(self.bn3, nn.Identity) else self.bn3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def _downsample(
+    inplanes: int, out: int, stride: int, spec: _NormSpec, where: str
+) -> nn.Module | None:
+    if stride == 1 and inplanes == out:
+        return None
+    conv, norm = spec.conv_norm(inplanes, out, 1, stride, 0, f"{where}.downsample.0")
+    if isinstance(norm, nn.Identity):
+        return nn.Sequential(conv)
+    return nn.Sequential(conv, norm)
+
+
+class ResNet(nn.Module):
+    """ResNet with `block` and `layers` blocks per stage; see the module docstring."""
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: Sequence[int],
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        norm: str = "bn",
+        fbn_groups: int = 1,
+        fbn_impl: str = "auto",
+        cifar_stem: bool = False,
+        zero_init_last: bool = False,
+        name: str = "resnet",
+    ) -> None:
+        super().__init__()
+        for value, what in ((num_classes, "num_classes"), (in_chans, "in_chans")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name}: {what} must be an int >= 1, got {value!r}")
+        if isinstance(fbn_groups, bool) or not isinstance(fbn_groups, int) or fbn_groups < 1:
+            raise UserError(f"{name}: fbn_groups must be an int >= 1, got {fbn_groups!r}")
+        if norm != "fbn" and fbn_groups != 1:
+            raise UserError(f"{name}: fbn_groups={fbn_groups} needs norm='fbn' (got norm={norm!r})")
+        spec = _NormSpec(norm, fbn_groups, fbn_impl, name)
+        self.num_classes = num_classes
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+        self.bn1 = norm_layer(spec.stem_kind, 64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
+        inplanes = 64
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers), start=1):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (j == 0 and i > 1) else 1
+                blocks.append(block(inplanes, planes, stride, spec, f"layer{i}.{j}"))
+                inplanes = planes * block.expansion
+            self.add_module(f"layer{i}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+        self._init_weights(zero_init_last)
+
+    def _init_weights(self, zero_init_last: bool) -> None:
+        fbn_mod = sys.modules.get("lightnets.nn.fbn")
+        fbn_cls = getattr(fbn_mod, "FBNConv2d", None) if fbn_mod is not None else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) or (fbn_cls is not None and isinstance(m, fbn_cls)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    last = m.last_norm()  # an FBN conv scales with norm_weight
+                    attr = "norm_weight" if hasattr(last, "norm_weight") else "weight"
+                    scale = getattr(last, attr, None)
+                    if scale is not None:
+                        nn.init.zeros_(scale)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.forward_features(x)).flatten(1)
+        return self.fc(x)
+
+
+@register_model
+def resnet18(
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    norm: str = "bn",
+    fbn_groups: int = 1,
+    fbn_impl: str = "auto",
+    cifar_stem: bool = False,
+    zero_init_last: bool = False,
+) -> nn.Module:
+    """ResNet-18 (BasicBlock, [2, 2, 2, 2]): 11.69M parameters, 1.81 GMACs at 224x224."""
+    return ResNet(
+        BasicBlock,
+        (2, 2, 2, 2),
+        num_classes=num_classes,
+        in_chans=in_chans,
+        norm=norm,
+        fbn_groups=fbn_groups,
+        fbn_impl=fbn_impl,
+        cifar_stem=cifar_stem,
+        zero_init_last=zero_init_last,
+        name="resnet18",
+    )
+
+
+@register_model
+def resnet50(
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    norm: str = "bn",
+    fbn_groups: int = 1,
+    fbn_impl: str = "auto",
+    cifar_stem: bool = False,
+    zero_init_last: bool = False,
+) -> nn.Module:
+    """ResNet-50 (Bottleneck, [3, 4, 6, 3]): 25.56M parameters, 4.09 GMACs at 224x224."""
+    return ResNet(
+        Bottleneck,
+        (3, 4, 6, 3),
+        num_classes=num_classes,
+        in_chans=in_chans,
+        norm=norm,
+        fbn_groups=fbn_groups,
+        fbn_impl=fbn_impl,
+        cifar_stem=cifar_stem,
+        zero_init_last=zero_init_last,
+        name="resnet50",
+    )
