@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
-from lightnets import data, engine, models, nn, optim
+from typing import Any
+
+from lightnets import analysis, data, deploy, engine, models, nn, optim
+from lightnets.analysis import profile
+from lightnets.deploy import convert_norm, fuse
 from lightnets.errors import UserError
 from lightnets.models.registry import create_model, list_models, register_model
 
 __version__ = "0.1.0"
 
+
+def export(model: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+    """Export the fused model to ONNX or TorchScript (see lightnets.deploy.export.export).
+
+    Imported on first use so that `import lightnets` does not load onnx/onnxruntime.
+    """
+    from lightnets.deploy.export import export as _export
+
+    return _export(model, path, *args, **kwargs)
+
+
 __all__ = [
     "UserError",
+    "analysis",
+    "convert_norm",
     "create_model",
     "data",
+    "deploy",
     "engine",
+    "export",
+    "fuse",
     "list_models",
     "models",
     "nn",
     "optim",
+    "profile",
     "register_model",
 ]

@@ -18,12 +18,12 @@ def _sets(items):
     "argv, fragment",
     [
         (["train", "no_such_recipe"], "unknown recipe 'no_such_recipe'"),
-        (["train", "mnist_demo", "--set", "optim.lr=-1"], "optim.lr=-1.0 is invalid: expected > 0"),
-        (["train", "mnist_demo", "--set", "data.batch_size=0"], "data.batch_size=0"),
-        (["train", "mnist_demo", "--set", "model.name=resnet999"], "unknown model 'resnet999'"),
-        (["train", "mnist_demo", "--set", "model.args.widht=3"], "did you mean 'width'"),
+        (["train", "mnist_cnn", "--set", "optim.lr=-1"], "optim.lr=-1.0 is invalid: expected > 0"),
+        (["train", "mnist_cnn", "--set", "data.batch_size=0"], "data.batch_size=0"),
+        (["train", "mnist_cnn", "--set", "model.name=resnet999"], "unknown model 'resnet999'"),
+        (["train", "mnist_cnn", "--set", "model.args.widht=3"], "did you mean 'width'"),
         (
-            ["train", "mnist_demo", "--set", "data.name=cifar10", "--set", "data.root=/nope"],
+            ["train", "mnist_cnn", "--set", "data.name=cifar10", "--set", "data.root=/nope"],
             "/nope",
         ),
         (["eval", "/no/such/checkpoint.pt"], "does not exist"),
@@ -42,10 +42,10 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     bad.mkdir()
     (bad / "config.toml").write_text("")
     (bad / "last.pt").write_bytes(b"garbage")
-    result = run_cli("train", "mnist_demo", "--out", str(bad), "--resume")
+    result = run_cli("train", "mnist_cnn", "--out", str(bad), "--resume")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    result = run_cli("train", "mnist_demo", "--out", str(bad))
+    result = run_cli("train", "mnist_cnn", "--out", str(bad))
     assert result.returncode == 2 and "already exists" in result.stderr
 
 
@@ -55,7 +55,7 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
         main(
             [
                 "train",
-                "mnist_demo",
+                "mnist_cnn",
                 *_sets([*TINY, "train.max_steps=2", "schedule.warmup=0"]),
                 "--out",
                 str(run),
@@ -65,13 +65,13 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
     )
     (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:100])
     capsys.readouterr()
-    assert main(["train", "mnist_demo", "--out", str(run), "--resume"]) == 2
+    assert main(["train", "mnist_cnn", "--out", str(run), "--resume"]) == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
 
 
 def test_train_one_epoch_then_eval(tmp_path, capsys):
     run = tmp_path / "run"
-    argv = ["train", "mnist_demo", *_sets([*TINY, "train.epochs=1"]), "--out", str(run)]
+    argv = ["train", "mnist_cnn", *_sets([*TINY, "train.epochs=1"]), "--out", str(run)]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["epoch"] == 1 and summary["val_acc1"] > 70

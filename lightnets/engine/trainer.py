@@ -141,6 +141,11 @@ class Trainer:
         self.total_steps = self.max_steps or self.epochs * self.steps_per_epoch
 
         if config.train.sync_bn and self.distributed:
+            if self.device.type != "cuda":
+                raise UserError(
+                    "train.sync_bn=true needs CUDA devices (torch's SyncBatchNorm has no CPU "
+                    "kernel): expected train.sync_bn=false on CPU"
+                )
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_schedule()

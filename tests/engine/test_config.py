@@ -16,7 +16,7 @@ else:  # pragma: no cover
 
 
 def test_shipped_recipes_load():
-    assert "mnist_demo" in list_recipes()
+    assert "mnist_cnn" in list_recipes()
     for name in list_recipes():
         config = load_config(name)
         assert isinstance(config, Config)
@@ -25,7 +25,7 @@ def test_shipped_recipes_load():
 
 def test_overrides_convert_types():
     config = load_config(
-        "mnist_demo",
+        "mnist_cnn",
         [
             "train.epochs=3",
             "optim.lr=0.5",
@@ -68,7 +68,7 @@ def test_comma_list_override():
 )
 def test_bad_overrides_are_refused(override, fragment):
     with pytest.raises(UserError) as err:
-        load_config("mnist_demo", [override])
+        load_config("mnist_cnn", [override])
     assert fragment in str(err.value)
 
 
@@ -90,7 +90,7 @@ def test_invalid_toml_and_unknown_recipe(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    config = load_config("mnist_demo", ["model.args.width=12", "train.max_steps=7"])
+    config = load_config("mnist_cnn", ["model.args.width=12", "train.max_steps=7"])
     save_config(config, tmp_path / "config.toml")
     raw = tomllib.loads((tmp_path / "config.toml").read_text())
     assert raw["model"]["args"] == {"width": 12}

@@ -33,14 +33,14 @@ def _free_port() -> int:
 
 def test_ddp_two_processes_equal_single_process(tmp_path):
     sets = [arg for item in SETTINGS for arg in ("--set", item)]
-    single = run_cli("train", "mnist_demo", *sets, "--out", str(tmp_path / "single"))
+    single = run_cli("train", "mnist_cnn", *sets, "--out", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
 
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
         + ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
-        + ["-m", "lightnets", "train", "mnist_demo", *sets, "--out", str(tmp_path / "ddp")],
+        + ["-m", "lightnets", "train", "mnist_cnn", *sets, "--out", str(tmp_path / "ddp")],
         env=env,
         capture_output=True,
         text=True,

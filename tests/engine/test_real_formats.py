@@ -17,7 +17,7 @@ def _sets(items):
 
 
 def _train(tmp_path, capsys, *settings):
-    argv = ["train", "mnist_demo", *_sets([*TINY, *settings]), "--out", str(tmp_path / "run")]
+    argv = ["train", "mnist_cnn", *_sets([*TINY, *settings]), "--out", str(tmp_path / "run")]
     assert main(argv) == 0, capsys.readouterr().err
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 

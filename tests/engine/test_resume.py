@@ -32,13 +32,13 @@ def _sets(items):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    full = run_cli("train", "mnist_demo", *_sets(SETTINGS), "--out", str(tmp_path / "full"))
+    full = run_cli("train", "mnist_cnn", *_sets(SETTINGS), "--out", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
 
     killed_dir = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lightnets", "train", "mnist_demo", *_sets(SETTINGS)]
+        [sys.executable, "-m", "lightnets", "train", "mnist_cnn", *_sets(SETTINGS)]
         + ["--out", str(killed_dir)],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -63,7 +63,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert interrupted["step"] < total, "the run finished before it could be killed"
     assert interrupted["batch_in_epoch"] > 0, "killed at an epoch boundary, not mid-epoch"
 
-    resumed = run_cli("train", "mnist_demo", "--out", str(killed_dir), "--resume")
+    resumed = run_cli("train", "mnist_cnn", "--out", str(killed_dir), "--resume")
     assert resumed.returncode == 0, resumed.stderr
 
     a = load_checkpoint(tmp_path / "full" / "last.pt")

@@ -16,7 +16,7 @@ from tests.conftest import TINY
 
 
 def test_short_run_learns_and_writes_run_dir(tmp_path):
-    config = load_config("mnist_demo", [*TINY, "train.epochs=2", "output.plot=true"])
+    config = load_config("mnist_cnn", [*TINY, "train.epochs=2", "output.plot=true"])
     row = Trainer(config, tmp_path / "run").fit()
     run = tmp_path / "run"
     assert row["val_acc1"] > 80.0  # 10 classes: chance is 10%
@@ -36,7 +36,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "precious.txt").write_text("keep me")
-    config = load_config("mnist_demo", TINY)
+    config = load_config("mnist_cnn", TINY)
     with pytest.raises(UserError, match="already exists"):
         Trainer(config, run)
     assert (run / "precious.txt").read_text() == "keep me"
@@ -59,7 +59,7 @@ class _ExplodesAfter(nn.Module):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    config = load_config("mnist_demo", [*TINY, "train.checkpoint_every=1"])
+    config = load_config("mnist_cnn", [*TINY, "train.checkpoint_every=1"])
     trainer = Trainer(config, tmp_path / "run", model=_ExplodesAfter(after=3))
     with pytest.raises(NonFiniteError, match="loss became non-finite at epoch 1 step 4"):
         trainer.fit()
@@ -77,7 +77,7 @@ def test_callbacks_see_steps_and_can_stop(tmp_path):
             assert math.isfinite(info["loss"])
 
     stopper = EarlyStopping("val_acc1", patience=1, mode="min")  # acc rises: stops after epoch 2
-    config = load_config("mnist_demo", [*TINY, "train.epochs=5"])
+    config = load_config("mnist_cnn", [*TINY, "train.epochs=5"])
     trainer = Trainer(config, tmp_path / "run", callbacks=[Count(), stopper])
     trainer.fit()
     assert trainer.epoch == 2 and "early stop" in trainer.stop_reason
@@ -86,7 +86,7 @@ def test_callbacks_see_steps_and_can_stop(tmp_path):
 
 def test_max_steps_bf16_and_step_schedule(tmp_path):
     config = load_config(
-        "mnist_demo",
+        "mnist_cnn",
         [*TINY, "train.max_steps=7", "train.amp=bf16", "schedule.name=linear", "schedule.warmup=2"],
     )
     trainer = Trainer(config, tmp_path / "run")
@@ -96,6 +96,6 @@ def test_max_steps_bf16_and_step_schedule(tmp_path):
 
 
 def test_batch_larger_than_dataset_is_refused(tmp_path):
-    config = load_config("mnist_demo", [*TINY, "data.batch_size=5000"])
+    config = load_config("mnist_cnn", [*TINY, "data.batch_size=5000"])
     with pytest.raises(UserError, match="larger than the training set"):
         Trainer(config, tmp_path / "run")
