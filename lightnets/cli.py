@@ -135,40 +135,54 @@ def eval_command(args: argparse.Namespace) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="run directory (default: runs/demo-<timestamp>)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value of the mnist_demo recipe",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-@command("demo", "train a small CNN on the bundled MNIST subset and report", _demo_args)
+@command(
+    "demo",
+    "train Finet-small with FBN on the bundled MNIST subset, fuse it, export it to ONNX",
+    _demo_args,
+)
 def demo_command(args: argparse.Namespace) -> int:
-    from lightnets.engine.config import load_config
-    from lightnets.engine.trainer import Trainer
+    from lightnets.demo import run_demo
 
-    overrides = []
+    overrides = list(args.overrides)
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
     if args.no_progress:
         overrides.append("train.progress=false")
-    config = load_config("mnist_demo", overrides)
     run_dir = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    print(f"lightnets demo: training {config.model.name} on {config.data.name} (CPU), {run_dir}")
-    start = time.perf_counter()
-    trainer = Trainer(config, run_dir)
-    row = trainer.fit()
-    seconds = time.perf_counter() - start
-    params = sum(p.numel() for p in trainer.model.parameters())
-    print()
-    print("summary")
-    print(f"  model        {config.model.name} ({params:,} parameters)")
-    print(
-        f"  data         {config.data.name}: {len(trainer.train_set)} train / "
-        f"{len(trainer.val_set)} test images"
-    )
-    print(f"  test acc     {row['val_acc1']:.2f}%  (loss {row['val_loss']:.4f})")
-    print(f"  time         {seconds:.1f} s for {trainer.epoch} epochs")
-    print(
-        f"  run dir      {run_dir}: config.toml, last.pt, best.pt, metrics.jsonl/.csv, curves.png"
-    )
+    run_demo(run_dir, overrides)
     return 0
+
+
+# ---------------------------------------------------------------------------- deploy & analysis
+def _register_feature_commands() -> None:
+    """Commands whose code lives in lightnets.commands (one module per command)."""
+    from lightnets.commands.export import add_export_arguments, export_command
+    from lightnets.commands.profile import add_profile_arguments, profile_command
+
+    command(
+        "export",
+        "export a checkpoint's fused model to ONNX or TorchScript, checked with onnxruntime",
+        add_export_arguments,
+    )(export_command)
+    command(
+        "profile",
+        "parameters and MACs of a model, training-time and fused, per layer",
+        add_profile_arguments,
+    )(profile_command)
+
+
+_register_feature_commands()
 
 
 # ---------------------------------------------------------------------------- main

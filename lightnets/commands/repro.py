@@ -1,0 +1,47 @@
+"""`lightnets repro NAME [options]`: reproduce a paper's experiment (see lightnets.experiments).
+
+Each registered experiment is a sub-command with its own options, so
+`lightnets repro fbn-cifar --help` lists exactly that experiment's options;
+`lightnets repro --list` (or no name) lists the experiments.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from lightnets.errors import UserError
+
+__all__ = ["add_repro_arguments", "repro_command"]
+
+
+def _listing() -> str:
+    from lightnets.experiments import list_experiments
+
+    experiments = list_experiments()
+    width = max((len(e.name) for e in experiments), default=0)
+    return "\n".join(f"  {e.name:<{width}}  {e.help}" for e in experiments)
+
+
+def add_repro_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--list` and one sub-parser per registered experiment to `parser`."""
+    from lightnets.experiments import list_experiments
+
+    parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    sub = parser.add_subparsers(dest="experiment", metavar="NAME", title="experiment")
+    for exp in list_experiments():
+        p = sub.add_parser(exp.name, help=exp.help, description=exp.help)
+        exp.add_arguments(p)
+
+
+def repro_command(args: argparse.Namespace) -> int:
+    """Run the experiment named in `args.experiment` (or list them); returns the exit code."""
+    from lightnets.experiments import get_experiment
+
+    name = getattr(args, "experiment", None)
+    if getattr(args, "list", False) or name is None:
+        print("experiments (lightnets repro NAME --help for the options of one):")
+        print(_listing())
+        if name is None and not getattr(args, "list", False):
+            raise UserError("no experiment named: expected `lightnets repro NAME` (see above)")
+        return 0
+    return int(get_experiment(name).run(args) or 0)
