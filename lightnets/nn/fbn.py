@@ -6,6 +6,11 @@ parameters, and sums the results over g. Written out literally (the paper's Fig.
 ``impl="naive"``) that is a grouped convolution with G * C_out outputs followed by BN: G times the
 activations of Conv2d + BatchNorm2d, all kept for backward.
 
+Groups: G consecutive groups of input channels, 1 <= G <= C_in, whose sizes differ by at most one
+when G does not divide C_in, in `torch.tensor_split` order: the first C_in % G groups hold
+C_in // G + 1 channels, the others C_in // G (30 channels in 4 groups: 8, 8, 7, 7). Finet-small's
+30-channel 1x1 convs with G=4 (the paper's Table 2) need this. `group_sizes(C_in, G)` gives them.
+
 Once the statistics mu_{g,o}, var_{g,o} are known the layer is ONE standard convolution with the
 folded weight W~[o, g] = a_{g,o} W[o, g], a = gamma / sqrt(var + eps), plus the bias
 sum_g (beta_{g,o} - a_{g,o} mu_{g,o}), in training as well as at inference. Only the statistics
@@ -13,16 +18,26 @@ need the groups:
 
 - ``impl="cov"`` (1x1 kernels): with p the group-g input vector at an output pixel,
   mu = W[o, g] . E[p] and var = W[o, g]^T Cov(p) W[o, g]; Cov(p) is a (C_in/G)^2 matrix per
-  group. The moments are a custom autograd Function that saves only the input (which the conv
-  saves anyway), so the layer keeps what Conv2d + BatchNorm2d keep, or less.
-- ``impl="recompute"`` (any kernel): the per-group partial sums are reduced to mean/var by a
-  custom autograd Function that keeps only the input and the weight and recomputes the partial
-  sums in backward (what `torch.utils.checkpoint` would do, without its first-call cost).
+  group (one GEMM per group over all pixels, float32 or wider). The moments are a custom autograd
+  Function that saves only the input (which the conv saves anyway), so the layer keeps what
+  Conv2d + BatchNorm2d keep, or less. Then the folded conv gives the output.
+- ``impl="recompute"`` (any kernel): one custom autograd Function for the whole layer. Forward
+  computes each group's partial sums z_g = conv(x_g, W_g) (one conv in all, as G convs of
+  C_in/G inputs), reduces them to mean/var, adds a_g (z_g - mu_g) into the output and frees
+  z_g: the output comes from the partial sums, not from a second (folded) conv. It keeps x, W
+  and the (G, C_out) statistics only; backward recomputes z_g group by group and
+  back-propagates through the normalization and the group's conv: about 4 conv-equivalents per
+  step (Conv2d + BN: 3) and G x BN's elementwise work, with memory like BN's (one group's
+  partial sums alive at a time; G of them with ``sync_stats``, whose all-reduce needs every
+  group's statistics before any output). Not `torch.utils.checkpoint`: its first call costs an
+  import of about a second and it would recompute the whole layer, running-stat update included.
 - ``impl="auto"``: cov for 1x1 kernels, recompute otherwise.
 
-Eval mode turns the running statistics into the folded weight and bias: one conv, no groups
-(``impl="naive"`` stays literal in eval too, grouped conv + BN on the running statistics, so it
-checks the fold). Statistics are accumulated in float32 for bfloat16/float16 inputs.
+Running statistics are updated once per training forward, by the module, from statistics the
+Functions return; nothing that is recomputed touches them. Eval mode turns the running
+statistics into the folded weight and bias: one conv, no groups (``impl="naive"`` stays literal
+in eval too, grouped conv + BN on the running statistics, so it checks the fold). Statistics are
+accumulated in float32 for bfloat16/float16 inputs.
 """
 
 from __future__ import annotations
@@ -36,9 +51,46 @@ from torch import Tensor, nn
 
 from lightnets.errors import UserError, did_you_mean
 
-__all__ = ["FBNConv2d", "IMPLS"]
+__all__ = ["FBNConv2d", "IMPLS", "group_sizes"]
 
 IMPLS = ("auto", "naive", "cov", "recompute")
+
+
+def group_sizes(in_channels: int, groups: int) -> tuple[int, ...]:
+    """Sizes of the G consecutive input-channel groups, `torch.tensor_split` order.
+
+    They differ by at most one: the first in_channels % G groups get one channel more.
+    """
+    q, r = divmod(in_channels, groups)
+    return (q + 1,) * r + (q,) * (groups - r)
+
+
+def _blocks(sizes: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
+    """Runs of equal-sized groups as (first channel, first group, number of groups, size).
+
+    One run when G divides C_in, else two (the larger groups, then the smaller ones); each run is
+    handled as an even split, vectorized.
+    """
+    runs: list[tuple[int, int, int, int]] = []
+    start = 0
+    for g, size in enumerate(sizes):
+        if runs and runs[-1][3] == size:
+            first, g0, k, _ = runs[-1]
+            runs[-1] = (first, g0, k + 1, size)
+        else:
+            runs.append((start, g, 1, size))
+        start += size
+    return tuple(runs)
+
+
+def _per_channel(values: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    """(G, O) per-group values -> (O, C_in): each group's value repeated over its channels."""
+    O = values.shape[1]
+    parts = [
+        values[g0 : g0 + k].t()[:, :, None].expand(O, k, c).reshape(O, k * c)
+        for _, g0, k, c in _blocks(sizes)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -106,109 +158,268 @@ def _sync_moments(
 
 
 class _GroupMoments(torch.autograd.Function):
-    """Mean (G, c) and biased covariance (G, c, c) of the input vectors a strided 1x1 conv sees.
+    """Per-group mean (k, c) and biased covariance (k, c, c) of the inputs a strided 1x1 conv sees.
 
+    One (mean, cov) pair per run of equal-sized groups (`_blocks`), flattened into the outputs.
     The pixels are x[:, :, start::s] of the zero-padded input; padded zeros count in n. Forward
-    centres before the products (stable); backward recomputes from the saved input, the same
-    tensor the convolution keeps, so nothing input-sized is added:
+    centres before the products (stable), writing the centred copy as (k, c, N*pixels) so that
+    the covariance is one GEMM per group over all pixels; backward recomputes from the saved
+    input, the same tensor the convolution keeps, so nothing input-sized is added:
     dL/dp = (dL/dmean + (Gc + Gc^T)(p - mean)) / n for every real pixel p.
     """
 
     @staticmethod
-    def forward(ctx, x, groups, stride, padding, out_hw):  # type: ignore[override]
+    def forward(ctx, x, blocks, stride, padding, out_hw):  # type: ignore[override]
         sel, n, n_pad = _pixel_selection(x.shape, stride, padding, out_hw)
         dtype = _stat_dtype(x.dtype)
-        N, C = x.shape[:2]
-        c = C // groups
-        xs = x[sel].to(dtype)  # (N, C, h, w) real pixels only
-        p = xs.reshape(N, groups, c, -1)
-        mean = p.sum(dim=(0, 3)) / n  # (G, c)
-        centred = p - mean[None, :, :, None]
-        cov = torch.matmul(centred, centred.transpose(-1, -2)).sum(0)  # (G, c, c)
-        if n_pad:
-            cov = cov + n_pad * (mean[:, :, None] * mean[:, None, :])
-        cov = cov / n
-        ctx.save_for_backward(x, mean)
-        ctx.meta = (groups, stride, padding, out_hw, n)
-        return mean, cov
+        xs = x[sel]  # (N, C, h, w) real pixels only; a view
+        N, L = x.shape[0], xs.shape[-2] * xs.shape[-1]
+        outputs, means = [], []
+        for start, _, k, c in blocks:
+            p = xs[:, start : start + k * c].reshape(N, k, c, L)
+            mean = p.sum(dim=(0, 3), dtype=dtype) / n  # (k, c)
+            centred = torch.empty((k, c, N, L), dtype=dtype, device=x.device)
+            torch.sub(p.permute(1, 2, 0, 3), mean[:, :, None, None], out=centred)
+            flat = centred.view(k, c, N * L)
+            # each padded zero adds (0 - mean)(0 - mean)^T
+            extra = mean[:, :, None] * mean[:, None, :] * (n_pad / n)
+            cov = torch.baddbmm(extra, flat, flat.transpose(1, 2), alpha=1.0 / n)
+            del centred, flat
+            outputs += [mean, cov]
+            means.append(mean)
+        ctx.save_for_backward(x, *means)
+        ctx.meta = (blocks, stride, padding, out_hw, n)
+        return tuple(outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_mean, grad_cov):  # type: ignore[override]
-        x, mean = ctx.saved_tensors
-        groups, stride, padding, out_hw, n = ctx.meta
+    def backward(ctx, *grads):  # type: ignore[override]
+        x, *means = ctx.saved_tensors
+        blocks, stride, padding, out_hw, n = ctx.meta
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        sel, _, _ = _pixel_selection(x.shape, stride, padding, out_hw)
-        N, C = x.shape[:2]
-        c = C // groups
-        xs = x[sel].to(mean.dtype)
-        h, w = xs.shape[-2:]
-        p = xs.reshape(N, groups, c, -1) - mean[None, :, :, None]
-        gp = torch.zeros_like(p[..., :1])
-        if grad_cov is not None:
-            sym = grad_cov + grad_cov.transpose(-1, -2)  # (G, c, c)
-            gp = torch.matmul(sym[None], p)
-        if grad_mean is not None:
-            gp = gp + grad_mean[None, :, :, None]
-        gp = (gp / n).expand_as(p).reshape(N, C, h, w)
+        with torch.autocast(x.device.type, enabled=False):
+            return _GroupMoments._backward(x, means, blocks, stride, padding, out_hw, n, grads)
+
+    @staticmethod
+    def _backward(x, means, blocks, stride, padding, out_hw, n, grads):
+        sel, _, n_pad = _pixel_selection(x.shape, stride, padding, out_hw)
+        xs = x[sel]
+        N, h, w = xs.shape[0], xs.shape[-2], xs.shape[-1]
+        whole = n_pad == 0 and xs.shape == x.shape
+        parts = []
+        for (start, _, k, c), mean, grad_mean, grad_cov in zip(
+            blocks, means, grads[0::2], grads[1::2]
+        ):
+            p = xs[:, start : start + k * c].to(mean.dtype).reshape(N * k, c, h * w)
+            if grad_cov is None:
+                sym = mean.new_zeros(k, c, c)
+            else:
+                grad_cov = grad_cov.to(mean.dtype)
+                sym = (grad_cov + grad_cov.transpose(-1, -2)) / n
+            bias = -(sym @ mean[:, :, None])  # (k, c, 1): the centring, moved into the bias
+            if grad_mean is not None:
+                bias = bias + grad_mean[:, :, None].to(mean.dtype) / n
+            gp = torch.baddbmm(
+                bias.expand(N, k, c, 1).reshape(N * k, c, 1),
+                sym.expand(N, k, c, c).reshape(N * k, c, c),
+                p,
+            )
+            parts.append(gp.view(N, k * c, h, w).to(x.dtype))
+        if whole:
+            return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)), None, None, None, None
         grad_x = torch.zeros_like(x)
-        grad_x[sel] = gp.to(x.dtype)
+        inside = grad_x[sel]  # a view: writing it writes grad_x
+        for (start, _, k, c), part in zip(blocks, parts):
+            inside[:, start : start + k * c] = part
         return grad_x, None, None, None, None
 
 
-def _grouped_conv(x: Tensor, weight: Tensor, groups: int, conv_args: tuple) -> Tensor:
-    """The G*O partial sums: output channel g*O + o is conv(x_g, W[o, g]) (a grouped conv)."""
-    O, C = weight.shape[:2]
-    c = C // groups
-    w = weight.reshape(O, groups, c, *weight.shape[2:]).transpose(0, 1)
-    return F.conv2d(x, w.reshape(groups * O, c, *weight.shape[2:]), None, *conv_args, groups)
+_conv_backward = torch.ops.aten.convolution_backward
 
 
-class _GroupedStats(torch.autograd.Function):
-    """Biased (var, mean) over (N, H, W) of the G*O partial sums, which are never kept.
+def _contiguous_like(t: Tensor, like: Tensor) -> Tensor:
+    fmt = (
+        torch.channels_last
+        if like.dim() == 4
+        and like.is_contiguous(memory_format=torch.channels_last)
+        and not like.is_contiguous()
+        else torch.contiguous_format
+    )
+    return t.contiguous(memory_format=fmt)
 
-    Forward reduces the grouped conv's output at once; backward recomputes it from the saved
-    input and weight (tensors the layer's conv keeps anyway) and back-propagates
-    dL/dz = (dL/dmean + 2 dL/dvar (z - mean)) / n through the grouped conv.
+
+def _channel_sum(t: Tensor) -> Tensor:
+    """Sum over (N, H, W) of an (N, C, H, W) tensor (contiguous reductions, no temporaries)."""
+    return t.flatten(2).sum(2).sum(0)
+
+
+def _channel_sum_of_squares(t: Tensor) -> Tensor:
+    """Sum of squares over (N, H, W), via 2-norms over the contiguous H*W (no temporaries)."""
+    return torch.linalg.vector_norm(t.flatten(2), 2, dim=2).square().sum(0)
+
+
+class _RecomputedFBN(torch.autograd.Function):
+    """The training forward of a whole FBN conv; keeps x, W and the statistics only.
+
+    Forward, per group g: z_g = conv(x_g, W_g), centred in place by its mean, var from the
+    centred values, out += a_g (z_g - mu_g), z_g freed; finally out += sum_g beta_g. Returns
+    (out, mean, var) with the (G, O) statistics non-differentiable (for the running averages).
+    With a process group (sync_stats) the statistics of all processes are combined first (so
+    every z_g is kept until then) and backward all-reduces the two per-channel sums of the BN
+    gradient, as SyncBatchNorm does.
+    Backward, per group: recompute z_g, S2_g = sum dy (z_g - mu_g), S1 = sum dy,
+    dz_g = a_g (dy - S1/n - (z_g - mu_g) rstd_g^2 S2_g / n), then the group conv's input and
+    weight gradients. One scratch tensor serves every group.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, groups, conv_args):  # type: ignore[override]
-        z = _grouped_conv(x, weight, groups, conv_args)
-        var, mean = torch.var_mean(z.to(_stat_dtype(z.dtype)), dim=(0, 2, 3), correction=0)
-        ctx.save_for_backward(x, weight, mean)
-        ctx.meta = (groups, conv_args)
-        return var, mean
+    def forward(ctx, x, weight, gamma, beta, sizes, conv_args, eps, sync, info):  # type: ignore[override]
+        stride, padding, dilation = conv_args
+        sdt = _stat_dtype(x.dtype)
+        x_groups = x.split(sizes, 1) if len(sizes) > 1 else (x,)
+        w_groups = weight.split(sizes, 1) if len(sizes) > 1 else (weight,)
+        out = None
+        kept, means, variances = [], [], []
+        out_dtype = x.dtype
+        n = 0
+        for g, (xg, wg) in enumerate(zip(x_groups, w_groups)):
+            z = F.conv2d(xg, wg, None, stride, padding, dilation)
+            out_dtype = z.dtype  # the conv's dtype (autocast may lower it)
+            zc = z.to(sdt)
+            del z
+            n = zc.numel() // zc.shape[1]
+            mean = _channel_sum(zc) / n
+            zc.sub_(mean[:, None, None])
+            var = _channel_sum_of_squares(zc) / n
+            means.append(mean)
+            variances.append(var)
+            if sync is not None:
+                kept.append(zc)
+                continue
+            a = torch.rsqrt(var + eps)
+            if gamma is not None:
+                a = a * gamma[g].to(sdt)
+            if out is None:
+                out = zc.mul_(a[:, None, None])
+            else:
+                out.addcmul_(zc, a[:, None, None])
+            del zc
+        mean, var = torch.stack(means), torch.stack(variances)
+        shift = beta.to(sdt).sum(0) if beta is not None else None
+        if sync is not None:
+            local_mean = mean
+            mean, var, n = _sync_moments(mean, var, n, sync)
+            a = torch.rsqrt(var + eps)
+            if gamma is not None:
+                a = a * gamma.to(sdt)
+            # kept holds z_g - local mean; the output needs z_g - global mean
+            adjust = -(a * (mean - local_mean)).sum(0)
+            shift = adjust if shift is None else shift + adjust
+            for g in range(len(kept)):
+                zc, kept[g] = kept[g], None
+                if out is None:
+                    out = zc.mul_(a[g][:, None, None])
+                else:
+                    out.addcmul_(zc, a[g][:, None, None])
+                del zc
+        if shift is not None:
+            out.add_(shift[:, None, None])
+        out = out.to(out_dtype)
+        rstd = torch.rsqrt(var + eps)
+        info["n"] = n
+        ctx.save_for_backward(x, weight, gamma, mean, rstd)
+        ctx.meta = (sizes, conv_args, n, sync, out_dtype)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_var, grad_mean):  # type: ignore[override]
-        x, weight, mean = ctx.saved_tensors
-        groups, conv_args = ctx.meta
-        needs = ctx.needs_input_grad[:2]
-        if not any(needs):
-            return None, None, None, None
-        with torch.enable_grad():
-            xd = x.detach().requires_grad_(needs[0])
-            wd = weight.detach().requires_grad_(needs[1])
-            z = _grouped_conv(xd, wd, groups, conv_args)
-            n = z.numel() // z.shape[1]
-            grad_z = torch.zeros((), dtype=mean.dtype, device=mean.device)
-            if grad_mean is not None:
-                grad_z = grad_mean[:, None, None] / n
-            if grad_var is not None:
-                centred = z.detach().to(mean.dtype) - mean[:, None, None]
-                grad_z = grad_z + centred * (2 / n) * grad_var[:, None, None]
-            grad_z = grad_z.to(z.dtype).expand_as(z)
-            inputs = [t for t, need in zip((xd, wd), needs) if need]
-            grads = iter(torch.autograd.grad(z, inputs, grad_z))
-        return (
-            next(grads) if needs[0] else None,
-            next(grads) if needs[1] else None,
-            None,
-            None,
-        )
+    def backward(ctx, grad_out, _grad_mean, _grad_var):  # type: ignore[override]
+        x, weight, gamma, mean, rstd = ctx.saved_tensors
+        sizes, (stride, padding, dilation), n, sync, cdt = ctx.meta
+        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
+        sdt = mean.dtype
+        dy = grad_out.to(sdt)
+        s1 = _channel_sum(dy)  # (O,)
+        alpha = rstd if gamma is None else rstd * gamma.to(sdt)  # (G, O)
+        starts = [sum(sizes[:g]) for g in range(len(sizes))]
+        mask = (need_x, need_w, False)
+        dx = torch.empty_like(x) if need_x else None
+        dw = torch.empty_like(weight) if need_w else None
+        scratch: list[Tensor] = []  # one (N, O, h, w) buffer for every group
+
+        def recompute(g: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            sl = slice(starts[g], starts[g] + sizes[g])
+            xg = _contiguous_like(x[:, sl].to(cdt), x)
+            wg = weight[:, sl].to(cdt).contiguous()
+            with torch.autocast(x.device.type, enabled=False):
+                zc = F.conv2d(xg, wg, None, stride, padding, dilation).to(sdt)
+            zc.sub_(mean[g][:, None, None])
+            if not scratch:
+                scratch.append(torch.empty_like(zc))
+            s2 = _channel_sum(torch.mul(dy, zc, out=scratch[0]))  # sum dy (z - mu)
+            return xg, wg, zc, s2
+
+        def input_grads(g: int, xg: Tensor, wg: Tensor, zc: Tensor, s1g: Tensor, s2g: Tensor):
+            if not (need_x or need_w):
+                return
+            kappa = -alpha[g] * rstd[g] ** 2 * s2g / n
+            const = -alpha[g] * s1g / n
+            dz = torch.addcmul(const[:, None, None], dy, alpha[g][:, None, None], out=scratch[0])
+            dz.addcmul_(zc, kappa[:, None, None])
+            gx, gw, _ = _conv_backward(
+                dz.to(cdt), xg, wg, None, stride, padding, dilation, False, (0, 0), 1, mask
+            )
+            sl = slice(starts[g], starts[g] + sizes[g])
+            if need_x:
+                dx[:, sl] = gx
+            if need_w:
+                dw[:, sl] = gw
+
+        s2_local = []
+        if sync is None:
+            for g in range(len(sizes)):
+                xg, wg, zc, s2 = recompute(g)
+                s2_local.append(s2)
+                input_grads(g, xg, wg, zc, s1, s2)
+                del xg, wg, zc
+        else:
+            saved = []
+            for g in range(len(sizes)):
+                xg, wg, zc, s2 = recompute(g)
+                s2_local.append(s2)
+                saved.append((xg, wg, zc))
+            sums = torch.cat([s1[None], torch.stack(s2_local)])
+            torch.distributed.all_reduce(sums, group=sync)
+            for g in range(len(sizes)):
+                (xg, wg, zc), saved[g] = saved[g], None
+                input_grads(g, xg, wg, zc, sums[0], sums[1 + g])
+                del xg, wg, zc
+        d_gamma = (rstd * torch.stack(s2_local)).to(gamma.dtype) if need_gamma else None
+        d_beta = s1.to(gamma.dtype).repeat(len(sizes), 1) if need_beta else None
+        return dx, dw, d_gamma, d_beta, None, None, None, None, None
+
+
+def _partial_sums(x: Tensor, weight: Tensor, sizes: tuple[int, ...], conv: tuple) -> Tensor:
+    """The G*O partial sums of eq. 4: output channel g*O + o is conv(x_g, W[o, g]).
+
+    Even groups: one grouped conv (the paper's Fig. 3a). Uneven groups: one conv per group,
+    concatenated.
+    """
+    G = len(sizes)
+    O = weight.shape[0]
+    if len(set(sizes)) == 1:
+        c = sizes[0]
+        w = weight.reshape(O, G, c, *weight.shape[2:]).transpose(0, 1)
+        return F.conv2d(x, w.reshape(G * O, c, *weight.shape[2:]), None, *conv, G)
+    return torch.cat(
+        [
+            F.conv2d(xg, wg, None, *conv)
+            for xg, wg in zip(x.split(sizes, 1), weight.split(sizes, 1))
+        ],
+        1,
+    )
 
 
 def _pixel_selection(
@@ -234,8 +445,12 @@ class FBNConv2d(nn.Module):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation: as `nn.Conv2d`
             (padding also accepts "valid" / "same").
-        fbn_groups: G, the number of consecutive input-channel groups; must divide in_channels.
-        channels_per_group: alternatively the group size c, G = in_channels / c.
+        fbn_groups: G, the number of consecutive input-channel groups, 1 <= G <= in_channels.
+            When G does not divide in_channels the group sizes differ by one: the first
+            in_channels % G groups get in_channels // G + 1 channels, the rest in_channels // G
+            (`torch.tensor_split` order; `group_sizes`).
+        channels_per_group: alternatively the group size c, which must divide in_channels;
+            G = in_channels / c.
         eps, momentum, affine: as `nn.BatchNorm2d` (momentum=None: cumulative average).
         impl: "auto" | "naive" | "cov" | "recompute" (how the training statistics are computed;
             all give the same result, see the module docstring).
@@ -304,6 +519,8 @@ class FBNConv2d(nn.Module):
         else:
             self.padding = _pair(padding, "padding")
         self.fbn_groups = groups_
+        self.group_sizes = group_sizes(in_channels, groups_)
+        self._blocks = _blocks(self.group_sizes)
         if impl == "cov" and self.kernel_size != (1, 1):
             raise UserError(
                 f"FBNConv2d impl='cov' needs a 1x1 kernel, got kernel_size={self.kernel_size}; "
@@ -332,9 +549,11 @@ class FBNConv2d(nn.Module):
 
     @staticmethod
     def _resolve_groups(in_channels: int, fbn_groups: int, channels_per_group: int | None) -> int:
-        valid = _divisors(in_channels)
         if not isinstance(fbn_groups, int) or isinstance(fbn_groups, bool) or fbn_groups < 1:
-            raise UserError(f"FBNConv2d fbn_groups={fbn_groups!r}: expected a positive int")
+            raise UserError(
+                f"FBNConv2d fbn_groups={fbn_groups!r}: expected an int G with "
+                f"1 <= G <= C_in={in_channels}"
+            )
         if channels_per_group is not None:
             if (
                 not isinstance(channels_per_group, int)
@@ -343,7 +562,7 @@ class FBNConv2d(nn.Module):
             ):
                 raise UserError(
                     f"FBNConv2d channels_per_group={channels_per_group!r} must divide "
-                    f"C_in={in_channels}; valid: {valid}"
+                    f"C_in={in_channels}; valid: {_divisors(in_channels)}"
                 )
             from_size = in_channels // channels_per_group
             if fbn_groups not in (1, from_size):
@@ -353,10 +572,10 @@ class FBNConv2d(nn.Module):
                     "give only one"
                 )
             return from_size
-        if in_channels % fbn_groups:
+        if fbn_groups > in_channels:
             raise UserError(
-                f"FBNConv2d fbn_groups G={fbn_groups} must divide C_in={in_channels}; "
-                f"valid G for C_in={in_channels}: {valid}"
+                f"FBNConv2d fbn_groups G={fbn_groups} > C_in={in_channels}: every group needs at "
+                f"least one input channel; expected 1 <= G <= {in_channels}"
             )
         return fbn_groups
 
@@ -383,7 +602,10 @@ class FBNConv2d(nn.Module):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
-        s += f", fbn_groups={self.fbn_groups}, eps={self.eps}, momentum={self.momentum}"
+        s += f", fbn_groups={self.fbn_groups}"
+        if len(set(self.group_sizes)) > 1:
+            s += f", group_sizes={self.group_sizes}"
+        s += f", eps={self.eps}, momentum={self.momentum}"
         if not self.affine:
             s += ", affine=False"
         s += f", impl={self.impl!r}"
@@ -402,7 +624,6 @@ class FBNConv2d(nn.Module):
 
     def _fold(self, mean: Tensor, var: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Weight and bias of the one conv equal to the layer with statistics (mean, var)."""
-        G, O = self.fbn_groups, self.out_channels
         sdt = mean.dtype
         a = torch.rsqrt(var + self.eps)  # (G, O)
         if self.affine:
@@ -410,15 +631,16 @@ class FBNConv2d(nn.Module):
         shift = -a * mean
         if self.affine:
             shift = shift + self.norm_bias.to(sdt)
-        w = self.weight.to(sdt).reshape(O, G, -1) * a.t()[:, :, None]
-        return w.reshape(self.weight.shape).to(dtype), shift.sum(0).to(dtype)
+        w = self.weight.to(sdt) * _per_channel(a, self.group_sizes)[:, :, None, None]
+        return w.to(dtype), shift.sum(0).to(dtype)
 
     def fused_weight_and_bias(self) -> tuple[Tensor, Tensor]:
         """(W~ (out, in, kh, kw), bias (out)) of the single conv equal to the layer in eval mode.
 
-        W~[o, g-slice] = a_{g,o} W[o, g-slice], a = gamma / sqrt(running_var + eps),
-        bias_o = sum_g (beta_{g,o} - a_{g,o} running_mean_{g,o}). Differentiable; wrap in
-        `torch.no_grad()` for export.
+        W~[o, g-slice] = a_{g,o} W[o, g-slice] (g-slice: the channels of group g, `group_sizes`),
+        a = gamma / sqrt(running_var + eps),
+        bias_o = sum_g (beta_{g,o} - a_{g,o} running_mean_{g,o}).
+        Differentiable; wrap in `torch.no_grad()` for export.
         """
         sdt = _stat_dtype(self.weight.dtype)
         return self._fold(self.running_mean.to(sdt), self.running_var.to(sdt), self.weight.dtype)
@@ -461,14 +683,31 @@ class FBNConv2d(nn.Module):
             )
         )
 
+    def _int_padding(self) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
+        """Symmetric conv padding, plus the F.pad of the input that "same" may need first."""
+        if self.padding == "valid":
+            return (0, 0), None
+        if self.padding != "same":
+            return self.padding, None  # type: ignore[return-value]
+        totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+        left = (totals[0] // 2, totals[1] // 2)
+        extra = (totals[1] - 2 * left[1], totals[0] - 2 * left[0])  # torch pads right/bottom
+        return left, (0, extra[0], 0, extra[1]) if any(extra) else None
+
     def _cov_stats(self, x: Tensor, out_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        G, O = self.fbn_groups, self.out_channels
+        O = self.out_channels
         pad = (0, 0) if isinstance(self.padding, str) else self.padding  # "same" is 0 for 1x1
-        mean_p, cov_p = _GroupMoments.apply(x, G, self.stride, pad, out_hw)
-        w = self.weight.to(mean_p.dtype).reshape(O, G, -1)  # (O, G, c)
-        mean = torch.einsum("ogc,gc->go", w, mean_p)
-        var = torch.einsum("ogc,gcd,ogd->go", w, cov_p, w).clamp_min(0)
-        return var, mean
+        with torch.autocast(x.device.type, enabled=False):  # the statistics stay float32
+            moments = _GroupMoments.apply(x, self._blocks, self.stride, pad, out_hw)
+            w = self.weight.to(moments[0].dtype).reshape(O, -1)
+            means, variances = [], []
+            for (start, _, k, c), mean_p, cov_p in zip(self._blocks, moments[0::2], moments[1::2]):
+                wb = w[:, start : start + k * c].reshape(O, k, c).permute(1, 2, 0)  # (k, c, O)
+                means.append((wb * mean_p[:, :, None]).sum(1))  # (k, O)
+                variances.append((torch.bmm(cov_p, wb) * wb).sum(1))
+        mean = means[0] if len(means) == 1 else torch.cat(means)
+        var = variances[0] if len(variances) == 1 else torch.cat(variances)
+        return var.clamp_min(0), mean
 
     def _exponential_average_factor(self) -> float:
         self.num_batches_tracked.add_(1)
@@ -512,29 +751,56 @@ class FBNConv2d(nn.Module):
             return self._conv(x, w, b)
         if impl == "naive":
             return self._naive(x)
-
+        if impl == "recompute":
+            return self._recompute(x)
         out_hw = self._out_hw(x)
         n = x.shape[0] * out_hw[0] * out_hw[1]
-        if impl == "cov":
-            var, mean = self._cov_stats(x, out_hw)
-        else:
-            var, mean = _GroupedStats.apply(x, self.weight, self.fbn_groups, self._conv_args())
-            var, mean = var.reshape(self.fbn_groups, -1), mean.reshape(self.fbn_groups, -1)
+        var, mean = self._cov_stats(x, out_hw)
         if self._syncing():
             mean, var, n = _sync_moments(mean, var, n)
+        self._check_count(n, x)
+        self._update_running_stats(mean.detach(), var.detach(), n)
+        w, b = self._fold(mean, var, x.dtype)
+        return self._conv(x, w, b)
+
+    @staticmethod
+    def _check_count(n: int, x: Tensor) -> None:
         if n <= 1:
             raise ValueError(
                 f"FBNConv2d expected more than 1 value per channel when training, got input "
                 f"shape {tuple(x.shape)}"
             )
-        self._update_running_stats(mean.detach(), var.detach(), n)
-        w, b = self._fold(mean, var, x.dtype)
-        return self._conv(x, w, b)
+
+    def _recompute(self, x: Tensor) -> Tensor:
+        padding, pre_pad = self._int_padding()
+        if pre_pad is not None:
+            x = F.pad(x, pre_pad)
+        sync = None
+        if self._syncing():
+            sync = torch.distributed.group.WORLD
+        info: dict[str, int] = {}
+        out, mean, var = _RecomputedFBN.apply(
+            x,
+            self.weight,
+            self.norm_weight,
+            self.norm_bias,
+            self.group_sizes,
+            (self.stride, padding, self.dilation),
+            self.eps,
+            sync,
+            info,
+        )
+        self._check_count(info["n"], x)
+        self._update_running_stats(mean, var, info["n"])
+        return out
 
     def _naive(self, x: Tensor) -> Tensor:
-        """The paper's Fig. 3a: grouped conv to G*O channels, BN over them, sum over groups."""
+        """The paper's Fig. 3a: grouped conv to G*O channels, BN over them, sum over groups.
+
+        (Uneven groups: one conv per group, concatenated, instead of the grouped conv.)
+        """
         G, O = self.fbn_groups, self.out_channels
-        z = _grouped_conv(x, self.weight, G, self._conv_args())
+        z = _partial_sums(x, self.weight, self.group_sizes, self._conv_args())
         gamma = self.norm_weight.reshape(-1) if self.affine else None
         beta = self.norm_bias.reshape(-1) if self.affine else None
         if self._syncing():

@@ -1,7 +1,7 @@
 """profile(): hand-counted MACs and parameters, FBN as one conv, fused counts, and the Finet
 paper's Table 2 (FLOPs = MACs at 224x224, Params incl. BN and FBN's per-group gamma/beta).
 
-See docs/finet_profile_notes.md for how Table 2's counting convention was established and for
+See docs/finet-profile.md for how Table 2's counting convention was established and for
 the remaining differences.
 """
 
@@ -29,18 +29,9 @@ TABLE2 = {
 }
 PARAMS_TOL = 0.015
 MACS_TOL = 0.03
-SMALL_G4 = pytest.mark.xfail(
-    raises=UserError,
-    strict=True,
-    reason="paper inconsistency: Table 2 lists small Finet with FBN G=4, but Table 1's small "
-    "widths give 1x1 convs with 30 input channels, which 4 groups of N/G inputs (eq. 2-4) "
-    "cannot split; the paper does not say how it grouped them",
-)
-ROWS = [
-    pytest.param(name, g, marks=SMALL_G4 if name.startswith("finet_small") and g == 4 else ())
-    for name in TABLE2
-    for g in (1, 2, 4)
-]
+# Small Finet with G=4: its 30-input 1x1 convs get uneven groups (8, 8, 7, 7), see
+# docs/finet-profile.md.
+ROWS = [(name, g) for name in TABLE2 for g in (1, 2, 4)]
 
 
 @pytest.fixture(scope="module")

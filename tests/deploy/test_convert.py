@@ -88,12 +88,12 @@ def test_one_group_changes_nothing_in_train_and_eval():
     torch.testing.assert_close(converted(x), original(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("option", [{"fbn_groups": 2}, {"channels_per_group": 4}])
+@pytest.mark.parametrize("option", [{"fbn_groups": 4}, {"channels_per_group": 4}])
 def test_groups_keep_the_eval_output_train_and_fuse(option):
     original = _model(1).eval()
     with pytest.warns(UserWarning, match=r"conv \(C_in=3"):  # the stem's 3 channels
         converted = convert_norm(copy.deepcopy(original), "fbn", **option)
-    assert converted.layer2.conv2.fbn_groups == (2 if "fbn_groups" in option else 4)
+    assert converted.layer2.conv2.fbn_groups == 4
     assert isinstance(converted.conv, nn.Conv2d) and isinstance(converted.bn, nn.BatchNorm2d)
     x = torch.randn(4, 3, 8, 8)
     # the running statistics were shared out so that the eval output is unchanged
@@ -160,17 +160,27 @@ def test_returns_the_model_modified_in_place():
     assert convert_norm(sync, "fbn", fbn_groups=2, impl="cov")[0].sync_stats
 
 
+def test_uneven_groups_keep_the_eval_output():
+    original = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)).train()
+    original(torch.randn(8, 6, 5, 5))  # non-trivial running statistics
+    original.eval()
+    converted = convert_norm(copy.deepcopy(original), "fbn", fbn_groups=4)
+    assert converted[0].group_sizes == (2, 2, 1, 1)
+    x = torch.randn(3, 6, 5, 5)
+    torch.testing.assert_close(converted(x), original(x), rtol=1e-5, atol=1e-5)
+
+
 def test_errors():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1))
     model.append(nn.BatchNorm2d(4))
-    with pytest.raises(UserError, match=r"kind='fnb': expected one of fbn.*did you mean 'fbn'"):
+    with pytest.raises(UserError, match=r"kind='fnb': expected one of .*fbn.*did you mean 'fbn'"):
         convert_norm(model, "fnb")
     with pytest.raises(UserError, match=r"unknown option 'group'.*fbn_groups"):
         convert_norm(model, "fbn", group=2)
     with pytest.raises(UserError, match=r"exactly one of fbn_groups=G or channels_per_group"):
         convert_norm(model, "fbn")
-    with pytest.raises(UserError, match=r"0 \(C_in=3, G=2\).*strict=True"):
-        convert_norm(model, "fbn", fbn_groups=2, strict=True)
+    with pytest.raises(UserError, match=r"0 \(C_in=3, G=4\).*strict=True"):
+        convert_norm(model, "fbn", fbn_groups=4, strict=True)
     with pytest.raises(UserError, match=r"impl='fast'"):
         convert_norm(model, "fbn", fbn_groups=1, impl="fast")
     # nothing changed by the failed calls, the convertible second pair included

@@ -162,14 +162,15 @@ def test_channels_per_group_varies_g_per_layer():
         finet_large(fbn_groups=2, fbn_channels_per_group=50)
 
 
-def test_groups_not_dividing_inputs_is_refused():
-    # Table 2 lists small Finet with G=4, but its 30-channel layers cannot be split in 4 groups
-    with pytest.raises(UserError, match=r"fbn_groups=4 .* 30 input channels .*stage2\.0\.conv2"):
-        finet_small(fbn_groups=4)
-    with pytest.raises(UserError, match="100 input channels"):
-        finet_large(fbn_groups=3)
-    with pytest.raises(UserError, match="input channels of finet_small stage2"):
-        finet_small(fbn_channels_per_group=7)  # floor(30 / 7) = 4 does not divide 30
+def test_uneven_groups_follow_tensor_split_and_too_many_groups_are_refused():
+    # Table 2 lists small Finet with G=4: its 30-channel layers split as 8, 8, 7, 7
+    assert finet_small(fbn_groups=4).stage2[0].conv2.conv.group_sizes == (8, 8, 7, 7)
+    assert finet_large(fbn_groups=3).stage2[0].conv2.conv.group_sizes == (34, 33, 33)
+    assert finet_small(fbn_channels_per_group=7).stage2[0].conv2.conv.group_sizes == (8, 8, 7, 7)
+    with pytest.raises(
+        UserError, match=r"fbn_groups=25 is more than the 24 input channels .*stage2\.0\.conv1"
+    ):
+        finet_small(fbn_groups=25)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """FBNConv2d against independent references: torch's Conv2d + BatchNorm2d (G = 1), a literal
-loop over the groups of paper eq. 4, and the naive grouped-conv form (the paper's Fig. 3a)."""
+loop over the groups of paper eq. 4 (groups from `torch.tensor_split`, uneven where G does not
+divide C_in), and the naive grouped-conv form (the paper's Fig. 3a)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from lightnets.errors import UserError
 from lightnets.nn import FBNConv2d
+from lightnets.nn.fbn import group_sizes
 
 REPO = Path(__file__).resolve().parents[2]
 F64 = torch.float64
@@ -95,11 +97,14 @@ def test_one_group_is_conv_then_batchnorm(kernel, stride, padding, momentum):
 
 
 def _literal_eq4(x, weight, gamma, beta, running_mean, running_var, groups, training, **conv):
-    """sum_g BN_g(conv(x_g, W[:, g])), one F.batch_norm per group, as the paper writes it."""
-    c = x.shape[1] // groups
+    """sum_g BN_g(conv(x_g, W[:, g])), one F.batch_norm per group, as the paper writes it.
+
+    The groups are torch.tensor_split's: sizes differ by at most one, the larger ones first.
+    """
     out = 0
-    for g in range(groups):
-        sl = slice(g * c, (g + 1) * c)
+    channels = torch.arange(x.shape[1]).tensor_split(groups)
+    for g, idx in enumerate(channels):
+        sl = slice(int(idx[0]), int(idx[-1]) + 1)
         z = F.conv2d(x[:, sl], weight[:, sl], **conv)
         out = out + F.batch_norm(
             z,
@@ -115,7 +120,7 @@ def _literal_eq4(x, weight, gamma, beta, running_mean, running_var, groups, trai
 
 
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize("groups", [2, 4, 3, 5])  # 8 channels: 3 -> (3, 3, 2), 5 -> (2, 2, 2, 1, 1)
 @pytest.mark.parametrize(
     "kernel,stride,padding,dilation", [(1, 1, 0, 1), (3, 2, 1, 2), (1, 2, 1, 1)]
 )
@@ -174,11 +179,12 @@ def _run(m: FBNConv2d, xs: list[torch.Tensor], r_seed: int):
     return out
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     n=st.integers(1, 3),
-    groups=st.integers(1, 4),
+    groups=st.integers(1, 5),
     per_group=st.integers(1, 3),
+    extra=st.integers(0, 4),
     c_out=st.integers(1, 5),
     kernel=st.sampled_from([1, 3]),
     stride=st.integers(1, 2),
@@ -189,9 +195,9 @@ def _run(m: FBNConv2d, xs: list[torch.Tensor], r_seed: int):
     momentum=st.sampled_from([0.1, None]),
 )
 def test_impls_agree_with_naive(
-    n, groups, per_group, c_out, kernel, stride, padding, dilation, size, affine, momentum
+    n, groups, per_group, extra, c_out, kernel, stride, padding, dilation, size, affine, momentum
 ):
-    c_in = groups * per_group
+    c_in = groups * per_group + extra % groups  # extra % groups > 0: uneven groups
     n = n + 1
     torch.manual_seed(size * 100 + c_in)
     xs = [torch.randn(n, c_in, size, size + 1, dtype=F64) * 2 + 1 for _ in range(3)]
@@ -227,6 +233,63 @@ def test_bfloat16_smoke(kernel):
         torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.1, msg=impl)
         m.eval()
         assert m(xb).dtype == torch.bfloat16
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("kernel,dilation", [(2, 1), (4, 1), ((2, 3), (1, 2)), (3, 2)])
+def test_same_padding_even_kernels_match_naive(kernel, dilation):
+    """padding='same' with an even extent pads right/bottom more: recompute pads x first."""
+    torch.manual_seed(5)
+    kw = {"padding": "same", "dilation": dilation, "fbn_groups": 3}
+    ref = _randomize(FBNConv2d(10, 6, kernel, impl="naive", **kw).double())
+    m = FBNConv2d(10, 6, kernel, impl="recompute", **kw).double()
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 10, 7, 8, dtype=F64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ref(xa), m(xb)
+    assert yb.shape == ya.shape == (4, 6, 7, 8)
+    torch.testing.assert_close(yb, ya)
+    r = torch.randn_like(ya)
+    (ya * r).sum().backward()
+    (yb * r).sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad)
+    torch.testing.assert_close(m.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(m.norm_weight.grad, ref.norm_weight.grad)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_cpu_autocast_keeps_float32_statistics(kernel):
+    torch.manual_seed(6)
+    x = torch.randn(8, 10, 8, 8)
+    ref = _randomize(FBNConv2d(10, 6, kernel, padding=kernel // 2, fbn_groups=3, impl="naive"))
+    expected = ref(x)
+    for impl in _impls(kernel):
+        m = FBNConv2d(10, 6, kernel, padding=kernel // 2, fbn_groups=3, impl=impl)
+        m.load_state_dict(ref.state_dict())
+        xb = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xb)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        assert xb.grad.dtype == m.weight.grad.dtype == m.norm_weight.grad.dtype == torch.float32
+        assert m.running_var.dtype == torch.float32
+        torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.1, msg=impl)
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_running_stats_updated_once_per_forward_never_in_backward(kernel):
+    torch.manual_seed(7)
+    for impl in _impls(kernel):
+        m = FBNConv2d(10, 6, kernel, padding=kernel // 2, fbn_groups=4, impl=impl)
+        x = torch.randn(4, 10, 6, 6, requires_grad=True)
+        y = m(x)
+        assert int(m.num_batches_tracked) == 1
+        after_forward = (m.running_mean.clone(), m.running_var.clone())
+        assert not torch.equal(after_forward[0], torch.zeros_like(after_forward[0]))
+        y.square().sum().backward()
+        assert int(m.num_batches_tracked) == 1, impl
+        assert torch.equal(m.running_mean, after_forward[0]), impl
+        assert torch.equal(m.running_var, after_forward[1]), impl
 
 
 # --------------------------------------------------------------------------- the module
@@ -288,9 +351,22 @@ def test_channels_per_group_state_dict_and_repr(tmp_path):
     assert int(a.num_batches_tracked) == 0 and bool((a.running_var == 1).all())
 
 
+@pytest.mark.parametrize("c_in", [1, 7, 8, 30, 31])
+def test_uneven_groups_are_tensor_split_sizes(c_in):
+    for groups in range(1, c_in + 1):
+        m = FBNConv2d(c_in, 2, 1, fbn_groups=groups)
+        expected = tuple(len(t) for t in torch.arange(c_in).tensor_split(groups))
+        assert m.group_sizes == group_sizes(c_in, groups) == expected
+        assert m.norm_weight.shape == m.running_mean.shape == (groups, 2)
+        assert ("group_sizes=" in repr(m)) == (c_in % groups != 0)
+    assert "fbn_groups=4, group_sizes=(8, 8, 7, 7)" in repr(FBNConv2d(30, 2, 1, fbn_groups=4))
+
+
 def test_errors_name_the_problem():
-    with pytest.raises(UserError, match=r"G=3 must divide C_in=8.*\[1, 2, 4, 8\]"):
-        FBNConv2d(8, 4, 1, fbn_groups=3)
+    with pytest.raises(UserError, match=r"G=9 > C_in=8.*expected 1 <= G <= 8"):
+        FBNConv2d(8, 4, 1, fbn_groups=9)
+    with pytest.raises(UserError, match=r"fbn_groups=0: expected an int G with 1 <= G <= C_in=8"):
+        FBNConv2d(8, 4, 1, fbn_groups=0)
     with pytest.raises(UserError, match=r"channels_per_group=3 must divide C_in=8"):
         FBNConv2d(8, 4, 1, channels_per_group=3)
     with pytest.raises(UserError, match=r"disagree"):
@@ -324,18 +400,20 @@ def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+@pytest.mark.parametrize("channels", [32, 30])  # 30 in 4 groups: 8, 8, 7, 7
 @pytest.mark.parametrize("kernel,impl", [(1, "cov"), (3, "recompute"), (1, "auto"), (3, "auto")])
-def test_saved_for_backward_is_what_conv_bn_saves(kernel, impl):
+def test_saved_for_backward_is_what_conv_bn_saves(kernel, impl, channels):
     torch.manual_seed(4)
-    x = torch.randn(8, 32, 16, 16, requires_grad=True)
+    c = channels
+    x = torch.randn(8, c, 16, 16, requires_grad=True)
     conv_bn = nn.Sequential(
-        nn.Conv2d(32, 32, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(32)
+        nn.Conv2d(c, c, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(c)
     )
     base = _saved_bytes(conv_bn, x)
     naive = _saved_bytes(
-        FBNConv2d(32, 32, kernel, padding=kernel // 2, fbn_groups=4, impl="naive"), x
+        FBNConv2d(c, c, kernel, padding=kernel // 2, fbn_groups=4, impl="naive"), x
     )
-    ours = _saved_bytes(FBNConv2d(32, 32, kernel, padding=kernel // 2, fbn_groups=4, impl=impl), x)
+    ours = _saved_bytes(FBNConv2d(c, c, kernel, padding=kernel // 2, fbn_groups=4, impl=impl), x)
     assert naive > 2 * base  # the measurement sees the G * C_out activations
     assert ours <= 1.3 * base, (ours, base, naive)
 
@@ -352,9 +430,11 @@ _WORKER = textwrap.dedent(
         dist.init_process_group("gloo", init_method="file://" + init, rank=rank,
                                 world_size=world)
     results = {}
-    for impl, k in (("naive", 3), ("cov", 1), ("recompute", 3)):
+    for impl, k, groups in (("naive", 3, 2), ("cov", 1, 2), ("recompute", 3, 2),
+                            ("naive", 3, 3), ("cov", 1, 3), ("recompute", 3, 3)):
         torch.manual_seed(0)
-        m = FBNConv2d(8, 6, k, padding=k // 2, fbn_groups=2, impl=impl, sync_stats=True).double()
+        m = FBNConv2d(8, 6, k, padding=k // 2, fbn_groups=groups, impl=impl,
+                      sync_stats=True).double()
         with torch.no_grad():
             m.norm_weight.uniform_(0.5, 1.5)
             m.norm_bias.normal_()
@@ -374,7 +454,7 @@ _WORKER = textwrap.dedent(
             if world > 1:
                 dist.all_reduce(g)  # what DDP does (up to its 1/world)
             grads[name] = g
-        results[impl] = {"y": ys, "dx": dxs, "grads": grads,
+        results[f"{impl}-G{groups}"] = {"y": ys, "dx": dxs, "grads": grads,
                          "running_mean": m.running_mean, "running_var": m.running_var,
                          "n": int(m.num_batches_tracked)}
     torch.save(results, out)
