@@ -3,7 +3,10 @@
 `fuse(model)` returns an eval-mode copy in which every `FBNConv2d` is the one `nn.Conv2d` it
 equals at inference, every Conv1d/2d/3d (any groups, depthwise included) whose output goes only
 into a BatchNorm is that conv with the BN folded into its weight and bias, and every Linear
-followed by BatchNorm1d likewise. The outputs equal ``model.eval()(x)``.
+followed by BatchNorm1d likewise. A `FrozenBatchNorm` or `BatchRenorm` (lightnets.nn.norm) is
+folded the same way: in eval both are BN's per-channel affine map on fixed statistics.
+GroupNorm (gn/ln/in) depends on each sample and is left in place. The outputs equal
+``model.eval()(x)``.
 
 Which conv feeds which norm is read from the data flow, never guessed from attribute order:
 `find_pairs` traces the model with torch.fx (modules that hold no candidates are leaves, so
@@ -24,6 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightnets.nn.fbn import FBNConv2d
+from lightnets.nn.norm import BatchRenorm, FrozenBatchNorm
 
 __all__ = [
     "find_pairs",
@@ -36,6 +40,16 @@ __all__ = [
 
 _CONV_NORM = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 _BN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+# lightnets' per-channel affine norms in eval: a frozen BN (always), a BatchRenorm (eval uses
+# the running statistics exactly as BN). They take any (N, C, ...) input.
+_AFFINE_FORWARDS = {FrozenBatchNorm.forward, BatchRenorm.forward}
+
+
+def _is_eval_affine(module: nn.Module) -> bool:
+    return (
+        isinstance(module, (FrozenBatchNorm, BatchRenorm))
+        and type(module).forward in _AFFINE_FORWARDS
+    )
 
 
 def is_foldable_linear(module: nn.Module) -> bool:
@@ -53,7 +67,7 @@ def is_foldable_norm(module: nn.Module) -> bool:
 
 def _matches(linear: nn.Module, norm: nn.Module) -> bool:
     """Same number of channels, and the norm of the matching dimensionality."""
-    if isinstance(norm, nn.SyncBatchNorm):
+    if isinstance(norm, nn.SyncBatchNorm) or _is_eval_affine(norm):
         kinds_ok = True
     elif isinstance(linear, nn.Linear):
         kinds_ok = isinstance(norm, nn.BatchNorm1d)
@@ -199,7 +213,7 @@ def fuse(model: nn.Module) -> nn.Module:
                 fused = module.to_conv().eval()
 
     def norm_with_stats(m: nn.Module) -> bool:
-        return is_foldable_norm(m) and m.running_mean is not None
+        return (is_foldable_norm(m) and m.running_mean is not None) or _is_eval_affine(m)
 
     for first, second in find_pairs(fused, is_foldable_linear, norm_with_stats):
         linear, bn = fused.get_submodule(first), fused.get_submodule(second)

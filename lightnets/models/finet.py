@@ -3,7 +3,7 @@ Neural Networks"): ShuffleNetV2-like network whose 1x1 convs are normalized with
 
 Architecture (paper Table 1), with the choices the paper leaves open and how they were settled.
 Each choice was checked against the paper's Table 2 parameter counts (see
-docs/finet_profile_notes.md): the BN, G=2 and G=4 rows of the large model are reproduced to
+docs/finet-profile.md): the BN, G=2 and G=4 rows of the large model are reproduced to
 0.01%, which pins down every layer width below.
 
 - Stem (Conv1): 3x3 conv, stride 2, padding 1, 24 channels + BN + ReLU; then 3x3 max-pool,
@@ -38,7 +38,13 @@ e.g. the small model's 30-channel layers with G = 4 (Table 2 lists that configur
 paper does not say how it split 30 channels into 4 groups). `affine` switches the affine
 transform of the normalization in the FBN positions (Table 5; in the baseline it applies to the
 BN that stands in those positions). `norm` is the kind of the non-FBN norm layers, made by
-`lightnets.nn.blocks.norm_layer`.
+`lightnets.nn.blocks.norm_layer` (`lightnets.nn.make_norm`: bn, sync_bn, frozen_bn, gn, ln, in,
+brn, none), with `norm_kwargs` passed to each (e.g. {"num_groups": 2}: GN's default G = 32
+does not divide Finet's 24/30/100-channel layers). The FBN convs stay FBN whatever `norm` is;
+with fbn_groups=1 (the baseline) every norm layer, those in the FBN positions included, is
+`norm`. `zero_init_last=True` zeroes the gamma of the last norm (conv2's, or its FBN
+`norm_weight`) of every block with a shortcut, so those blocks start as the identity (GN paper
+§4.1); kinds without a trainable gamma (frozen_bn, none) are left as they are.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from torch import nn
 from lightnets.errors import UserError
 from lightnets.models.registry import register_model
 from lightnets.nn.blocks import ConvNormAct, SqueezeExcite, fbn_groups_for
+from lightnets.nn.norm import NormSpec
 
 SMALL_WIDTHS = (30, 60, 120)
 LARGE_WIDTHS = (100, 200, 400)
@@ -138,6 +145,8 @@ class Finet(nn.Module):
         cifar_stem: bool = False,
         norm: str = "bn",
         drop_rate: float = 0.2,
+        norm_kwargs: dict | None = None,
+        zero_init_last: bool = False,
         name: str = "finet",
     ) -> None:
         super().__init__()
@@ -154,6 +163,13 @@ class Finet(nn.Module):
         if len(widths) != len(depths):
             raise ValueError("widths and depths must have the same length")
         use_fbn = fbn_groups != 1 or fbn_channels_per_group is not None
+        if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
+            raise UserError(
+                f"{name}: norm_kwargs={norm_kwargs!r} is invalid: expected a table (dict) of "
+                "options for the norm layers, e.g. {num_groups = 2}"
+            )
+        if norm_kwargs:
+            norm = NormSpec(norm, dict(norm_kwargs))
 
         def groups_of(cin: int, where: str) -> int | None:
             if not use_fbn:
@@ -192,9 +208,9 @@ class Finet(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.drop2 = nn.Dropout(drop_rate)
         self.fc2 = nn.Linear(HEAD_CHANNELS, num_classes)
-        self._init_weights()
+        self._init_weights(zero_init_last)
 
-    def _init_weights(self) -> None:
+    def _init_weights(self, zero_init_last: bool = False) -> None:
         fbn_mod = sys.modules.get("lightnets.nn.fbn")
         fbn_cls = getattr(fbn_mod, "FBNConv2d", None) if fbn_mod is not None else None
         for m in self.modules():
@@ -205,6 +221,15 @@ class Finet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
+        if zero_init_last:
+            for block in self.modules():
+                if isinstance(block, FinetBlock) and block.use_shortcut:
+                    last = getattr(block.conv2, "norm", None)
+                    scale = getattr(block.conv2.conv, "norm_weight", None)
+                    if last is not None:
+                        scale = getattr(last, "weight", None)
+                    if isinstance(scale, nn.Parameter):  # not a frozen BN's fixed buffer
+                        nn.init.zeros_(scale)
 
     def stages(self) -> list[nn.Sequential]:
         """The block stages, stage2 first."""
@@ -238,6 +263,8 @@ def finet_small(
     cifar_stem: bool = False,
     norm: str = "bn",
     drop_rate: float = 0.2,
+    norm_kwargs: dict | None = None,
+    zero_init_last: bool = False,
 ) -> nn.Module:
     """Small Finet (widths 30/60/120): 42.6M FLOPs, 2.39M parameters in the paper."""
     return Finet(
@@ -251,6 +278,8 @@ def finet_small(
         cifar_stem=cifar_stem,
         norm=norm,
         drop_rate=drop_rate,
+        norm_kwargs=norm_kwargs,
+        zero_init_last=zero_init_last,
         name="finet_small",
     )
 
@@ -266,6 +295,8 @@ def finet_large(
     cifar_stem: bool = False,
     norm: str = "bn",
     drop_rate: float = 0.2,
+    norm_kwargs: dict | None = None,
+    zero_init_last: bool = False,
 ) -> nn.Module:
     """Large Finet (widths 100/200/400): 301.8M FLOPs, 4.43M parameters in the paper."""
     return Finet(
@@ -279,6 +310,8 @@ def finet_large(
         cifar_stem=cifar_stem,
         norm=norm,
         drop_rate=drop_rate,
+        norm_kwargs=norm_kwargs,
+        zero_init_last=zero_init_last,
         name="finet_large",
     )
 
@@ -294,6 +327,8 @@ def finet_small_se(
     cifar_stem: bool = False,
     norm: str = "bn",
     drop_rate: float = 0.2,
+    norm_kwargs: dict | None = None,
+    zero_init_last: bool = False,
 ) -> nn.Module:
     """Small Finet with Squeeze-Excite (200 hidden units) in every block."""
     return Finet(
@@ -308,6 +343,8 @@ def finet_small_se(
         cifar_stem=cifar_stem,
         norm=norm,
         drop_rate=drop_rate,
+        norm_kwargs=norm_kwargs,
+        zero_init_last=zero_init_last,
         name="finet_small_se",
     )
 
@@ -323,6 +360,8 @@ def finet_large_se(
     cifar_stem: bool = False,
     norm: str = "bn",
     drop_rate: float = 0.2,
+    norm_kwargs: dict | None = None,
+    zero_init_last: bool = False,
 ) -> nn.Module:
     """Large Finet with Squeeze-Excite (200 hidden units) in every block."""
     return Finet(
@@ -337,5 +376,7 @@ def finet_large_se(
         cifar_stem=cifar_stem,
         norm=norm,
         drop_rate=drop_rate,
+        norm_kwargs=norm_kwargs,
+        zero_init_last=zero_init_last,
         name="finet_large_se",
     )

@@ -13,10 +13,16 @@ parameter counts equal torchvision's (11,689,512 and 25,557,032 at 1000 classes)
 Bottleneck conv1 (1x1), conv2 (3x3) and conv3 (1x1); and the 1x1 `downsample.0` conv of every
 block that has one. The pair's BN slot (`bn1`, `bn2`, ...) is then an `nn.Identity` and
 `downsample` is Sequential(FBNConv2d). Any other `norm` is a plain norm layer made by
-`lightnets.nn.blocks.norm_layer`; the stem always uses that (BN for "fbn").
+`lightnets.nn.blocks.norm_layer` (`lightnets.nn.make_norm`): "bn", "sync_bn", "frozen_bn",
+"gn", "ln", "in", "brn" or "none", with `norm_kwargs` passed to every one of them (e.g.
+{"num_groups": 32} for GN, {"r_max": 1.5, "d_max": 0.5} for BRN); the stem always uses that
+(BN for "fbn", norm_kwargs included). The norm modules keep torchvision's names (bn1, ...)
+whatever their kind; with "none" they are nn.Identity.
 
 `zero_init_last=True` zeroes the scale of the last norm of each residual block (bn2 /
-bn3, or the FBN conv's `norm_weight`), so every block starts as the identity.
+bn3, or the FBN conv's `norm_weight`), so every block starts as the identity (GN paper §4.1,
+after Goyal et al.): for every kind with a trainable gamma. A frozen BN's gamma is a fixed
+buffer and "none" has none: those blocks are left as they are.
 """
 
 from __future__ import annotations
@@ -35,11 +41,22 @@ from lightnets.nn.blocks import fbn_conv, fbn_groups_for, norm_layer
 class _NormSpec:
     """How to build a conv + norm pair: plain norm of `kind`, or FBN with `fbn_groups`."""
 
-    def __init__(self, kind: str, fbn_groups: int, fbn_impl: str, name: str) -> None:
+    def __init__(
+        self,
+        kind: str,
+        fbn_groups: int,
+        fbn_impl: str,
+        name: str,
+        norm_kwargs: dict | None = None,
+    ) -> None:
         self.kind = kind
         self.fbn_groups = fbn_groups
         self.fbn_impl = fbn_impl
         self.name = name
+        self.norm_kwargs = dict(norm_kwargs or {})
+
+    def norm(self, kind: str, channels: int) -> nn.Module:
+        return norm_layer(kind, channels, **self.norm_kwargs)
 
     @property
     def stem_kind(self) -> str:
@@ -53,7 +70,7 @@ class _NormSpec:
             conv = fbn_conv(cin, cout, k, stride, padding, fbn_groups=g, impl=self.fbn_impl)
             return conv, nn.Identity()
         conv = nn.Conv2d(cin, cout, k, stride, padding, bias=False)
-        return conv, norm_layer(self.kind, cout)
+        return conv, self.norm(self.kind, cout)
 
 
 class BasicBlock(nn.Module):
@@ -135,6 +152,7 @@ class ResNet(nn.Module):
         fbn_impl: str = "auto",
         cifar_stem: bool = False,
         zero_init_last: bool = False,
+        norm_kwargs: dict | None = None,
         name: str = "resnet",
     ) -> None:
         super().__init__()
@@ -145,13 +163,18 @@ class ResNet(nn.Module):
             raise UserError(f"{name}: fbn_groups must be an int >= 1, got {fbn_groups!r}")
         if norm != "fbn" and fbn_groups != 1:
             raise UserError(f"{name}: fbn_groups={fbn_groups} needs norm='fbn' (got norm={norm!r})")
-        spec = _NormSpec(norm, fbn_groups, fbn_impl, name)
+        if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
+            raise UserError(
+                f"{name}: norm_kwargs={norm_kwargs!r} is invalid: expected a table (dict) of "
+                "options for the norm layers, e.g. {num_groups = 32}"
+            )
+        spec = _NormSpec(norm, fbn_groups, fbn_impl, name, norm_kwargs)
         self.num_classes = num_classes
         if cifar_stem:
             self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
         else:
             self.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
-        self.bn1 = norm_layer(spec.stem_kind, 64)
+        self.bn1 = spec.norm(spec.stem_kind, 64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
         inplanes = 64
@@ -179,9 +202,11 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     last = m.last_norm()  # an FBN conv scales with norm_weight
+                    if type(last) is nn.Conv2d:  # norm="none": no gamma (the conv stays)
+                        continue
                     attr = "norm_weight" if hasattr(last, "norm_weight") else "weight"
                     scale = getattr(last, attr, None)
-                    if scale is not None:
+                    if isinstance(scale, nn.Parameter):  # not a frozen BN's fixed buffer
                         nn.init.zeros_(scale)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,6 +229,7 @@ def resnet18(
     fbn_impl: str = "auto",
     cifar_stem: bool = False,
     zero_init_last: bool = False,
+    norm_kwargs: dict | None = None,
 ) -> nn.Module:
     """ResNet-18 (BasicBlock, [2, 2, 2, 2]): 11.69M parameters, 1.81 GMACs at 224x224."""
     return ResNet(
@@ -216,6 +242,7 @@ def resnet18(
         fbn_impl=fbn_impl,
         cifar_stem=cifar_stem,
         zero_init_last=zero_init_last,
+        norm_kwargs=norm_kwargs,
         name="resnet18",
     )
 
@@ -229,6 +256,7 @@ def resnet50(
     fbn_impl: str = "auto",
     cifar_stem: bool = False,
     zero_init_last: bool = False,
+    norm_kwargs: dict | None = None,
 ) -> nn.Module:
     """ResNet-50 (Bottleneck, [3, 4, 6, 3]): 25.56M parameters, 4.09 GMACs at 224x224."""
     return ResNet(
@@ -241,5 +269,6 @@ def resnet50(
         fbn_impl=fbn_impl,
         cifar_stem=cifar_stem,
         zero_init_last=zero_init_last,
+        norm_kwargs=norm_kwargs,
         name="resnet50",
     )

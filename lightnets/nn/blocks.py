@@ -8,20 +8,26 @@ by `fbn_conv`, which imports `lightnets.nn.fbn` lazily: a BN-only model never ne
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightnets.errors import UserError
 
-NORM_KINDS = ("bn",)
 
+def norm_layer(kind: Any, channels: int, affine: bool = True, **options: Any) -> nn.Module:
+    """The normalization layer `kind` over `channels` channels, made by `make_norm`.
 
-def norm_layer(kind: str, channels: int, affine: bool = True) -> nn.Module:
-    """The normalization layer `kind` over `channels` channels ("bn": BatchNorm2d)."""
-    if kind == "bn":
-        return nn.BatchNorm2d(channels, affine=affine)
-    raise UserError(f"norm {kind!r} is unknown: expected one of {', '.join(NORM_KINDS)}")
+    kind: a name of `lightnets.nn.norm.NORM_KINDS` ("bn": BatchNorm2d, "gn", "frozen_bn", ...)
+    or a `NormSpec` carrying a kind and its options; `options` (e.g. num_groups=32) are passed
+    on and win over the spec's. Unknown kinds and options are UserErrors.
+    """
+    from lightnets.nn.norm import NormSpec, make_norm
+
+    if isinstance(kind, NormSpec):
+        return kind(channels, dims=2, affine=affine, **options)
+    return make_norm(kind, channels, dims=2, affine=affine, **options)
 
 
 def fbn_groups_for(
@@ -35,28 +41,21 @@ def fbn_groups_for(
     With `channels_per_group` = c (paper Table 6) G = floor(in_channels / c), at least 1: the
     groups hold c inputs each, or more where the layer's inputs are not a multiple of c (the
     24-input first layer of Finet gets G = 1 for c = 20, 50, 100). A G that does not divide the
-    layer's inputs is refused with a UserError naming the layer; the architecture is never
-    changed to make it fit.
+    layer's inputs gives groups whose sizes differ by one (`lightnets.nn.fbn.group_sizes`); a G
+    larger than the layer's inputs is refused with a UserError naming the layer.
     """
     if channels_per_group is not None:
         if isinstance(channels_per_group, bool) or not isinstance(channels_per_group, int):
             raise UserError(f"fbn_channels_per_group must be an int, got {channels_per_group!r}")
         if channels_per_group < 1:
             raise UserError(f"fbn_channels_per_group must be >= 1, got {channels_per_group}")
-        groups = max(1, in_channels // channels_per_group)
-        if in_channels % groups:
-            raise UserError(
-                f"fbn_channels_per_group={channels_per_group} gives G={groups} groups for the "
-                f"{in_channels} input channels of {where}, which G does not divide: expected a "
-                f"group size c with floor({in_channels}/c) dividing {in_channels}"
-            )
-        return groups
+        return max(1, in_channels // channels_per_group)
     if isinstance(fbn_groups, bool) or not isinstance(fbn_groups, int) or fbn_groups < 1:
         raise UserError(f"fbn_groups must be an int >= 1, got {fbn_groups!r}")
-    if in_channels % fbn_groups:
+    if fbn_groups > in_channels:
         raise UserError(
-            f"fbn_groups={fbn_groups} does not divide the {in_channels} input channels of "
-            f"{where}: expected fbn_groups to divide {in_channels}"
+            f"fbn_groups={fbn_groups} is more than the {in_channels} input channels of "
+            f"{where}: expected at most {in_channels} groups (one channel each)"
         )
     return fbn_groups
 

@@ -1,0 +1,458 @@
+"""Normalization layers by name: `make_norm(kind, num_channels, dims=2, **options)`.
+
+Kinds (`NORM_KINDS`), for 1-d (N, C, L), 2-d (N, C, H, W) and 3-d (N, C, T, H, W) features:
+
+- ``bn``: torch's BatchNorm1d/2d/3d, picked by `dims`. ``sync_bn``: torch's SyncBatchNorm
+  (statistics over all processes when distributed; any dims).
+- ``frozen_bn``: `FrozenBatchNorm`, the GN paper's BN*: statistics and affine are fixed buffers,
+  so the layer is the per-channel linear map y = x * scale + shift with
+  scale = gamma / sqrt(var + eps), shift = beta - mean * scale. `FrozenBatchNorm.from_bn(bn)`
+  equals ``bn.eval()``; `lightnets.fuse` folds it into the preceding conv like a BN.
+- ``gn``: torch's `nn.GroupNorm` (GN paper eq. 1, 2, 7, 6): mean and variance per sample over
+  each group of C/G consecutive channels and all positions, then a per-channel gamma, beta.
+  ``num_groups=32`` (the paper's default) or ``channels_per_group=c`` (G = C / c, Table 3).
+- ``ln``: GN with one group (mean/var over (C, *spatial) per sample, per-channel affine, as in
+  the GN paper). ``in``: GN with C groups (per sample and channel).
+- ``brn``: `BatchRenorm` (Ioffe 2017).
+- ``none``: `nn.Identity`.
+
+`dims` picks torch's BatchNorm class for ``bn``; every other kind works on any (N, C, ...)
+input (``frozen_bn`` and ``brn`` record `dims` only as the BatchNorm class to convert back to). The
+classes here set ``is_norm_layer = True`` so the optimizer factory puts their parameters in the
+normalization weight-decay group; GroupNorm and BatchNorm are recognized by type.
+
+`NormSpec(kind, kwargs)` carries a kind with its options through code that passes a norm kind
+along (``ConvNormAct(norm=NormSpec("gn", {"num_groups": 8}))``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightnets.errors import UserError, did_you_mean
+
+__all__ = [
+    "NORM_KINDS",
+    "BatchRenorm",
+    "FrozenBatchNorm",
+    "NormSpec",
+    "make_norm",
+    "valid_group_counts",
+]
+
+NORM_KINDS = ("bn", "sync_bn", "frozen_bn", "gn", "ln", "in", "brn", "none")
+
+_FACTORY = ("device", "dtype")
+# The options each kind accepts. `affine` is accepted (and ignored) by frozen_bn, whose affine
+# is a fixed buffer, and by none, so that code passing `affine=` works with every kind.
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "bn": ("eps", "momentum", "affine", "track_running_stats", *_FACTORY),
+    "sync_bn": ("eps", "momentum", "affine", "track_running_stats", "process_group", *_FACTORY),
+    "frozen_bn": ("eps", "affine", *_FACTORY),
+    "gn": ("num_groups", "channels_per_group", "eps", "affine", *_FACTORY),
+    "ln": ("eps", "affine", *_FACTORY),
+    "in": ("eps", "affine", *_FACTORY),
+    "brn": (
+        "eps",
+        "momentum",
+        "affine",
+        "r_max",
+        "d_max",
+        "warmup_steps",
+        "relax_steps",
+        *_FACTORY,
+    ),
+    "none": ("affine",),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(value: Any, what: str, minimum: int, where: str) -> int:
+    if not _is_int(value) or value < minimum:
+        raise UserError(f"{where}: {what}={value!r} is invalid: expected an int >= {minimum}")
+    return value
+
+
+def _check_float(value: Any, what: str, where: str, low: float, *, open_low: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = value > low if open_low else value >= low
+    if not ok:
+        raise UserError(
+            f"{where}: {what}={value!r} is invalid: expected a number {'>' if open_low else '>='} "
+            f"{low}"
+        )
+    return float(value)
+
+
+def _check_momentum(value: Any, where: str, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    if not ok:
+        raise UserError(
+            f"{where}: momentum={value!r} is invalid: expected a number in [0, 1]"
+            + (" or None (cumulative average)" if allow_none else "")
+        )
+    return float(value)
+
+
+def _check_dims(dims: Any, where: str, allow_none: bool = False) -> int | None:
+    if dims is None and allow_none:
+        return None
+    if not _is_int(dims) or dims not in (1, 2, 3):
+        raise UserError(
+            f"{where}: dims={dims!r} is invalid: expected 1 (N, C, L), 2 (N, C, H, W) or "
+            "3 (N, C, T, H, W)"
+        )
+    return dims
+
+
+def _check_input(x: Tensor, num_features: int, name: str) -> None:
+    if x.dim() < 2 or x.shape[1] != num_features:
+        raise ValueError(
+            f"{name} expects input (N, {num_features}, ...), got shape {tuple(x.shape)}"
+        )
+
+
+def valid_group_counts(num_channels: int) -> list[int]:
+    """The group counts G that divide `num_channels` (GN needs C / G whole channels a group)."""
+    return [g for g in range(1, num_channels + 1) if num_channels % g == 0]
+
+
+def _gn_groups(
+    num_channels: int, num_groups: int | None, channels_per_group: int | None, where: str
+) -> int:
+    if num_groups is not None and channels_per_group is not None:
+        raise UserError(
+            f"{where}: got num_groups={num_groups} and channels_per_group={channels_per_group}: "
+            "expected only one of them"
+        )
+    valid = valid_group_counts(num_channels)
+    if channels_per_group is not None:
+        c = _check_int(channels_per_group, "channels_per_group", 1, where)
+        if num_channels % c:
+            raise UserError(
+                f"{where}: channels_per_group={c} does not divide the C={num_channels} channels: "
+                f"expected a divisor of {num_channels} ({', '.join(map(str, valid))})"
+            )
+        return num_channels // c
+    g = _check_int(32 if num_groups is None else num_groups, "num_groups", 1, where)
+    if num_channels % g:
+        raise UserError(
+            f"{where}: C={num_channels} channels are not divisible by G={g} groups: expected "
+            f"num_groups in {', '.join(map(str, valid))} (or channels_per_group=c)"
+        )
+    return g
+
+
+def make_norm(kind: str, num_channels: int, *, dims: int = 2, **options: Any) -> nn.Module:
+    """The normalization layer `kind` (see `NORM_KINDS`) over `num_channels` channels.
+
+    dims (1, 2, 3) picks BatchNorm1d/2d/3d for ``bn``; every other kind takes any (N, C, ...)
+    input (``frozen_bn`` / ``brn`` record dims, for `convert_norm(model, "bn")`). Options by
+    kind: bn, sync_bn: eps, momentum, affine, track_running_stats (sync_bn: process_group);
+    frozen_bn: eps; gn: num_groups (default 32) | channels_per_group, eps, affine; ln, in: eps,
+    affine; brn: eps, momentum, affine, r_max, d_max, warmup_steps, relax_steps (see
+    `BatchRenorm`); all but none: device, dtype. frozen_bn and none also accept affine and
+    ignore it (a frozen affine is fixed). Unknown kinds and options are UserErrors.
+    """
+    if not isinstance(kind, str) or kind not in NORM_KINDS:
+        raise UserError(
+            f"norm {kind!r} is unknown: expected one of {', '.join(NORM_KINDS)}"
+            + did_you_mean(str(kind), NORM_KINDS)
+        )
+    where = f"make_norm({kind!r}, {num_channels!r})"
+    accepted = _OPTIONS[kind]
+    for name in options:
+        if name not in accepted:
+            raise UserError(
+                f"{where} got unknown option {name!r}: expected any of {', '.join(accepted)}"
+                + did_you_mean(name, accepted)
+            )
+    _check_int(num_channels, "num_channels", 1, where)
+    dims = _check_dims(dims, where)
+    if kind == "none":
+        return nn.Identity()
+    factory = {k: options.pop(k) for k in _FACTORY if k in options}
+    eps = _check_float(options.pop("eps", 1e-5), "eps", where, 0.0, open_low=True)
+    affine = options.pop("affine", True)
+    if not isinstance(affine, bool):
+        raise UserError(f"{where}: affine={affine!r} is invalid: expected true or false")
+
+    if kind in ("bn", "sync_bn"):
+        momentum = _check_momentum(options.pop("momentum", 0.1), where)
+        track = options.pop("track_running_stats", True)
+        if not isinstance(track, bool):
+            raise UserError(f"{where}: track_running_stats={track!r}: expected true or false")
+        kw = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track, **factory)
+        if kind == "sync_bn":
+            return nn.SyncBatchNorm(
+                num_channels, process_group=options.pop("process_group", None), **kw
+            )
+        cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
+        return cls(num_channels, **kw)
+    if kind == "frozen_bn":
+        return FrozenBatchNorm(num_channels, eps=eps, dims=dims, **factory)
+    if kind in ("gn", "ln", "in"):
+        if kind == "gn":
+            groups = _gn_groups(
+                num_channels,
+                options.pop("num_groups", None),
+                options.pop("channels_per_group", None),
+                where,
+            )
+        else:
+            groups = 1 if kind == "ln" else num_channels
+        return nn.GroupNorm(groups, num_channels, eps=eps, affine=affine, **factory)
+    # brn
+    return BatchRenorm(num_channels, eps=eps, affine=affine, dims=dims, **options, **factory)
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """A norm kind with its options, callable like a factory: ``spec(num_channels)``.
+
+    Lets model code that hands a kind name down to `lightnets.nn.blocks.norm_layer` carry
+    options too (``NormSpec("gn", {"num_groups": 8})``). Options given at the call win.
+    """
+
+    kind: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in NORM_KINDS:
+            raise UserError(
+                f"norm {self.kind!r} is unknown: expected one of {', '.join(NORM_KINDS)}"
+                + did_you_mean(str(self.kind), NORM_KINDS)
+            )
+        if not isinstance(self.kwargs, Mapping):
+            raise UserError(f"norm options {self.kwargs!r}: expected a table (dict) of options")
+
+    def __call__(self, num_channels: int, *, dims: int = 2, **overrides: Any) -> nn.Module:
+        return make_norm(self.kind, num_channels, dims=dims, **{**self.kwargs, **overrides})
+
+
+def _param_shape(x: Tensor, values: Tensor) -> Tensor:
+    return values.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with fixed statistics and affine (the GN paper's BN*): a per-channel linear map.
+
+    y = x * scale + shift, scale = weight / sqrt(running_var + eps),
+    shift = bias - running_mean * scale. weight, bias, running_mean, running_var are buffers
+    (state_dict keys as BN's; a BN's ``num_batches_tracked`` is ignored when loading), so
+    nothing here trains and batch size does not matter. `from_bn` converts a (trained) BN so
+    that the outputs equal its eval mode. Works on any (N, C, ...) input; `dims` only records
+    which BatchNorm*d it stands for (`convert_norm(model, "bn")` turns it back into that one).
+    """
+
+    is_norm_layer = True
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        dims: int | None = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        where = "FrozenBatchNorm"
+        self.num_features = _check_int(num_features, "num_features", 1, where)
+        self.eps = _check_float(eps, "eps", where, 0.0, open_low=False)
+        self.dims = _check_dims(dims, where, allow_none=True)
+        kw = {"device": device, "dtype": dtype}
+        self.register_buffer("weight", torch.ones(num_features, **kw))
+        self.register_buffer("bias", torch.zeros(num_features, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+
+    @classmethod
+    @torch.no_grad()
+    def from_bn(cls, bn: nn.Module) -> FrozenBatchNorm:
+        """A FrozenBatchNorm equal to ``bn.eval()`` (BatchNorm*d, SyncBatchNorm, BatchRenorm).
+
+        Statistics and affine are copied (gamma = 1, beta = 0 when bn has no affine); eps is
+        kept; the device and dtype are the statistics'. A BN that keeps no running statistics
+        normalizes with batch statistics even in eval and cannot be frozen: UserError.
+        """
+        mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+        if mean is None or var is None:
+            raise UserError(
+                f"cannot freeze {type(bn).__name__}({getattr(bn, 'num_features', '?')}): it keeps "
+                "no running statistics (track_running_stats=False): expected a BN with running "
+                "statistics"
+            )
+        dims = getattr(bn, "dims", None)
+        for cls_, d in ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3)):
+            if isinstance(bn, cls_):
+                dims = d
+        frozen = cls(bn.num_features, eps=bn.eps, dims=dims, device=mean.device, dtype=mean.dtype)
+        frozen.running_mean.copy_(mean)
+        frozen.running_var.copy_(var)
+        if getattr(bn, "weight", None) is not None:
+            frozen.weight.copy_(bn.weight)
+        if getattr(bn, "bias", None) is not None:
+            frozen.bias.copy_(bn.bias)
+        frozen.train(bn.training)
+        return frozen
+
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """(scale, shift) per channel: the layer is y = x * scale + shift."""
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x, self.num_features, type(self).__name__)
+        scale, shift = self.scale_shift()
+        scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+        return torch.addcmul(_param_shape(x, shift), x, _param_shape(x, scale))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)  # loading a BN's state_dict
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}" + (
+            f", dims={self.dims}" if self.dims is not None else ""
+        )
+
+
+class BatchRenorm(nn.Module):
+    """Batch Renormalization (Ioffe, 2017) for (N, C, ...) inputs.
+
+    Training: with the batch statistics mu_B, sigma_B = sqrt(var_B + eps) (biased variance)
+    and the running ones mu, sigma = sqrt(running_var + eps),
+
+        r = clip(sigma_B / sigma, 1 / r_max_t, r_max_t)
+        d = clip((mu_B - mu) / sigma, -d_max_t, d_max_t)
+        y = gamma * ((x - mu_B) / sigma_B * r + d) + beta
+
+    where r and d are constants for backpropagation (stop-gradient). It is computed by torch's
+    batch_norm kernel with weight gamma * r and bias gamma * d + beta, which also updates the
+    running statistics exactly as BatchNorm does (momentum; unbiased batch variance; momentum
+    None: cumulative average). Eval: y = gamma * (x - mu) / sigma + beta, as BN (and so
+    `lightnets.fuse` folds it). With r_max = 1 and d_max = 0 the layer is BatchNorm in training
+    and eval: outputs, running statistics and gradients.
+
+    Limits schedule (the step t is the buffer ``num_batches_tracked``, the number of training
+    forwards before this one, saved in the state_dict so the schedule survives save/load):
+    r_max_t = 1 + (r_max - 1) * f(t), d_max_t = d_max * f(t), with
+    f(t) = 0 for t < warmup_steps, then (t - warmup_steps) / relax_steps, capped at 1 (1 at once
+    when relax_steps = 0). Defaults follow the paper: r_max = 3, d_max = 5, BN for the first
+    5k steps, then relaxed linearly (over 40k steps here for both limits; the paper relaxed d_max
+    over 25k: pass relax_steps to change it). The GN paper used r_max = 1.5, d_max = 0.5 for
+    ResNet-50. Parameters weight, bias and buffers running_mean, running_var,
+    num_batches_tracked have BN's names, so a BN state_dict loads as is. Any (N, C, ...) input;
+    `dims` only records which BatchNorm*d it stands for, as for `FrozenBatchNorm`.
+    """
+
+    is_norm_layer = True
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 5000,
+        relax_steps: int = 40000,
+        dims: int | None = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        where = "BatchRenorm"
+        self.num_features = _check_int(num_features, "num_features", 1, where)
+        self.eps = _check_float(eps, "eps", where, 0.0, open_low=True)
+        self.momentum = _check_momentum(momentum, where)
+        self.affine = bool(affine)
+        self.r_max = _check_float(r_max, "r_max", where, 1.0, open_low=False)
+        self.d_max = _check_float(d_max, "d_max", where, 0.0, open_low=False)
+        self.warmup_steps = _check_int(warmup_steps, "warmup_steps", 0, where)
+        self.relax_steps = _check_int(relax_steps, "relax_steps", 0, where)
+        self.dims = _check_dims(dims, where, allow_none=True)
+        kw = {"device": device, "dtype": dtype}
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **kw))
+            self.bias = nn.Parameter(torch.empty(num_features, **kw))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+        self.register_buffer(
+            "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+        )
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def limits(self, step: int | None = None) -> tuple[float, float]:
+        """(r_max_t, d_max_t) at `step` (default: the current ``num_batches_tracked``)."""
+        t = int(self.num_batches_tracked) if step is None else int(step)
+        if t < self.warmup_steps:
+            f = 0.0
+        elif self.relax_steps == 0:
+            f = 1.0
+        else:
+            f = min(1.0, (t - self.warmup_steps) / self.relax_steps)
+        return 1.0 + (self.r_max - 1.0) * f, self.d_max * f
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x, self.num_features, type(self).__name__)
+        if not self.training:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        r_lim, d_lim = self.limits()
+        with torch.no_grad():
+            reduce = [0, *range(2, x.dim())]
+            var_b, mu_b = torch.var_mean(x, dim=reduce, correction=0)
+            stats = self.running_mean.dtype
+            sigma = torch.sqrt(self.running_var + self.eps)
+            r = (torch.sqrt(var_b.to(stats) + self.eps) / sigma).clamp(1.0 / r_lim, r_lim)
+            d = ((mu_b.to(stats) - self.running_mean) / sigma).clamp(-d_lim, d_lim)
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            momentum = 1.0 / float(self.num_batches_tracked)
+        else:
+            momentum = self.momentum
+        if self.affine:
+            weight, bias = self.weight * r, torch.addcmul(self.bias, self.weight, d)
+        else:
+            weight, bias = r, d
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, weight, bias, True, momentum, self.eps
+        )
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, r_max={self.r_max}, d_max={self.d_max}, "
+            f"warmup_steps={self.warmup_steps}, relax_steps={self.relax_steps}"
+        )
+        return s + (f", dims={self.dims}" if self.dims is not None else "")

@@ -1,0 +1,73 @@
+"""The resnet50_gn_imagenet recipe: the GN paper's ImageNet setting, and a toy-scale run on a
+generated image folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from lightnets.engine.config import load_config
+from lightnets.engine.trainer import Trainer
+from lightnets.models.resnet import BasicBlock
+
+torch.set_num_threads(1)
+
+
+def test_recipe_is_the_papers_setting():
+    c = load_config("resnet50_gn_imagenet", ["data.root=/data/imagenet"])
+    assert c.model.name == "resnet50"
+    assert c.model.args == {"norm": "gn", "norm_kwargs": {"num_groups": 32}, "zero_init_last": True}
+    assert (c.data.name, c.data.train_split, c.data.val_split) == ("folder", "train", "val")
+    assert (c.data.batch_size, c.data.args) == (256, {"image_size": 224})
+    assert (c.optim.name, c.optim.lr, c.optim.momentum) == ("sgd", 0.1, 0.9)
+    assert (c.optim.weight_decay, c.optim.norm_weight_decay) == (1e-4, 1e-4)  # gamma, beta too
+    # 0.1 at 32 images per GPU on 8 GPUs, 0.1 N / 32 for N per GPU: global batch / 256
+    assert c.optim.lr_reference_batch == 256
+    assert (c.schedule.name, c.schedule.unit) == ("multistep", "epoch")
+    assert (c.schedule.milestones, c.schedule.gamma, c.train.epochs) == ([30, 60, 90], 0.1, 100)
+
+
+def _image_folder(root, classes=("cat", "dog"), per_split=(3, 2)) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_split):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(36, 60, size=2)
+                pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+
+
+def test_recipe_trains_on_an_image_folder(tmp_path):
+    _image_folder(tmp_path / "imagenet")
+    overrides = [
+        f"data.root={tmp_path / 'imagenet'}",
+        "model.name=resnet18",
+        "model.args.cifar_stem=true",
+        "data.args.image_size=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "train.max_steps=2",
+        "train.progress=false",
+        "output.plot=false",
+    ]
+    trainer = Trainer(load_config("resnet50_gn_imagenet", overrides), tmp_path / "run")
+    model = trainer.model
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 20 and all(m.num_groups == 32 for m in norms)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    for block in model.modules():
+        if isinstance(block, BasicBlock):  # zero_init_last: the block starts as the identity
+            assert torch.count_nonzero(block.bn2.weight) == 0 and torch.all(block.bn1.weight == 1)
+    assert trainer.base_lr == pytest.approx(0.1 * 4 / 256)
+    decays = {g["weight_decay"] for g in trainer.optimizer.param_groups}
+    assert decays == {1e-4}  # conv weights, gamma/beta and the fc bias alike
+    row = trainer.fit()
+    assert trainer.step == 2 and trainer.model_args["num_classes"] == 2
+    assert trainer.train_set.image_size == (32, 32)
+    assert 0.0 <= row["val_acc1"] <= 100.0
+    assert (tmp_path / "run" / "last.pt").is_file()
