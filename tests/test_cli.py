@@ -89,5 +89,5 @@ def test_help_for_every_command():
 def test_demo_short(tmp_path, capsys):
     assert main(["demo", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
-    assert "test acc" in out and "parameters" in out
+    assert "test accuracy" in out and "params" in out and "onnxruntime check passed" in out
     assert (tmp_path / "d" / "curves.png").is_file()
