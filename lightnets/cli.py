@@ -169,12 +169,14 @@ def _register_feature_commands() -> None:
     """Commands whose code lives in lightnets.commands (one module per command)."""
     from lightnets.commands.export import add_export_arguments, export_command
     from lightnets.commands.profile import add_profile_arguments, profile_command
+    from lightnets.commands.repro import add_repro_arguments, repro_command
 
     command(
         "export",
         "export a checkpoint's fused model to ONNX or TorchScript, checked with onnxruntime",
         add_export_arguments,
     )(export_command)
+    command("repro", "reproduce a paper's experiment", add_repro_arguments)(repro_command)
     command(
         "profile",
         "parameters and MACs of a model, training-time and fused, per layer",

@@ -1,1 +1,90 @@
-"""experiments"""
+"""Named experiments that reproduce a paper's tables: `lightnets repro NAME`.
+
+Each experiment module in this package registers itself with `register_experiment`, giving a
+function that adds its command-line options and a function that runs it. The shared runner
+(`lightnets.experiments.base`) trains the experiment's variants x seeds, resumably, and writes
+the results table with the paper's numbers beside ours.
+
+    @register_experiment("fbn-cifar", "FBN vs BN on CIFAR", add_arguments=_add_args)
+    def fbn_cifar(args: argparse.Namespace) -> int: ...
+
+Experiment modules are imported on first use of the registry (every module of this package
+except `base`), so adding an experiment means adding a module; nothing else is edited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lightnets.errors import UserError, did_you_mean
+
+__all__ = ["Experiment", "get_experiment", "list_experiments", "register_experiment"]
+
+_NOT_EXPERIMENTS = frozenset({"base"})
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A registered experiment: its name, one-line help, option adder and run function."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+_EXPERIMENTS: dict[str, Experiment] = {}
+_loaded = False
+
+
+def register_experiment(
+    name: str,
+    help: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> Callable[[Callable], Callable]:
+    """Decorator: register `run(args) -> int | None` as experiment `name`.
+
+    `add_arguments(parser)` adds the experiment's options to its `lightnets repro NAME`
+    parser; without it the experiment takes no options.
+    """
+
+    def wrap(run: Callable) -> Callable:
+        if name in _EXPERIMENTS and _EXPERIMENTS[name].run is not run:
+            raise ValueError(f"experiment {name!r} is registered twice")
+        _EXPERIMENTS[name] = Experiment(name, help, add_arguments or (lambda parser: None), run)
+        return run
+
+    return wrap
+
+
+def _load_all() -> None:
+    """Import every experiment module of this package once (they register on import)."""
+    global _loaded
+    if _loaded:
+        return
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name not in _NOT_EXPERIMENTS and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    _loaded = True
+
+
+def list_experiments() -> list[Experiment]:
+    """All registered experiments, sorted by name."""
+    _load_all()
+    return [_EXPERIMENTS[name] for name in sorted(_EXPERIMENTS)]
+
+
+def get_experiment(name: str) -> Experiment:
+    """The experiment registered as `name`; an unknown name is a UserError naming valid ones."""
+    _load_all()
+    if name not in _EXPERIMENTS:
+        names = sorted(_EXPERIMENTS)
+        raise UserError(
+            f"unknown experiment {name!r}{did_you_mean(name, names)}: expected one of "
+            f"{', '.join(names) or '(none registered)'}"
+        )
+    return _EXPERIMENTS[name]

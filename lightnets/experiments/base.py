@@ -1,0 +1,645 @@
+"""The shared experiment runner: variants x seeds through the Trainer, resumably, into one table.
+
+An experiment is a list of named `Variant`s (config overrides on a recipe, and the paper's
+number for that variant), run for each seed into `<out>/<variant>/seed<k>/`:
+
+- a run whose `last.pt` is finished (all its epochs / `max_steps`) is not trained again: its
+  result is read back from the checkpoint and `metrics.jsonl`;
+- a run with an unfinished `last.pt` is resumed (`Trainer(resume=True)`); a run dir with no
+  checkpoint yet is started afresh; so re-running a killed experiment with the same command
+  continues where it stopped;
+- `<out>/experiment.json` holds the experiment's name and the arguments that define its runs;
+  an out dir holding another experiment, other arguments, or anything else is refused unless
+  `overwrite=True` (which deletes it first). The seed count may change between invocations
+  (more seeds add runs, fewer aggregate fewer), since each seed's run is independent;
+- a variant whose model cannot be built (e.g. a group count that does not divide a layer's
+  channels) is recorded as "n/a (reason)" instead of stopping the experiment; a run whose loss
+  becomes non-finite is recorded as failed (`failed.json` in its run dir) and not retried.
+
+Results: per run the final and the best value of the metric (best over evaluated epochs, as
+the Trainer's `best.pt`); per variant mean ± std over seeds (std with ddof=1, 0 for one seed).
+Written to `results.md` (also printed), `results.json`, `results.csv` and `results.png`. The
+numbers are what the runs measured; the paper's are shown beside them, never mixed in.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import textwrap
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightnets.errors import UserError
+
+__all__ = [
+    "ExperimentResults",
+    "ExperimentSpec",
+    "RunResult",
+    "Summary",
+    "Variant",
+    "VariantResult",
+    "format_table",
+    "prepare_out_dir",
+    "run_experiment",
+    "summarize",
+    "write_results",
+]
+
+EXPERIMENT_FILE = "experiment.json"
+FAILED_FILE = "failed.json"
+
+
+@dataclass
+class Variant:
+    """One configuration of an experiment.
+
+    `name` is its directory name, `label` its row in the table, `overrides` the config
+    overrides ("section.key=value") that make it, `paper` the paper's number (None where the
+    paper has none) and `baseline` the name of the variant it is compared with (Δ columns).
+    """
+
+    name: str
+    label: str
+    overrides: list[str] = field(default_factory=list)
+    paper: float | None = None
+    baseline: str | None = None
+
+
+@dataclass
+class ExperimentSpec:
+    """Everything the runner needs: what to train, where, and how to present it.
+
+    `settings` are the arguments that define the runs (stored in experiment.json and compared
+    on re-runs); `base_overrides` apply to every run before the variant's own overrides;
+    `notes` are lines printed under the table's title in results.md.
+    """
+
+    experiment: str
+    title: str
+    out: Path
+    recipe: str
+    variants: list[Variant]
+    seeds: list[int]
+    settings: dict[str, Any]
+    base_overrides: list[str] = field(default_factory=list)
+    metric: str = "val_acc1"
+    metric_label: str = "top-1 accuracy (%)"
+    paper_label: str = "paper"
+    notes: list[str] = field(default_factory=list)
+    overwrite: bool = False
+
+
+@dataclass
+class RunResult:
+    """One variant x seed. `status`: trained, resumed, skipped (finished before), failed, n/a."""
+
+    variant: str
+    seed: int
+    run_dir: str
+    status: str
+    final: float | None = None
+    best: float | None = None
+    epoch: int | None = None
+    step: int | None = None
+    seconds: float | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("trained", "resumed", "skipped") and self.final is not None
+
+
+@dataclass
+class Summary:
+    """Mean ± std (ddof=1; 0 for a single value) of `values`."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    values: list[float]
+
+
+def summarize(values: list[float]) -> Summary:
+    """Mean and sample standard deviation (ddof=1 when n > 1, else 0) of `values`."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        return Summary(None, None, 0, [])
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return Summary(mean, std, n, values)
+
+
+@dataclass
+class VariantResult:
+    """A variant's runs and their summaries; `reason` says why it has no result (n/a)."""
+
+    variant: Variant
+    runs: list[RunResult]
+    final: Summary
+    best: Summary
+    reason: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.final.n:
+            return "ok"
+        return "n/a" if any(r.status == "n/a" for r in self.runs) else "failed"
+
+
+@dataclass
+class ExperimentResults:
+    """What `run_experiment` returns (and writes to results.json)."""
+
+    spec: ExperimentSpec
+    variants: list[VariantResult]
+    seconds: float
+
+    def by_name(self, name: str) -> VariantResult | None:
+        return next((v for v in self.variants if v.variant.name == name), None)
+
+
+# ----------------------------------------------------------------------------- out dir
+def _normalized(value: Any) -> Any:
+    """JSON round trip: tuples become lists, so stored and fresh settings compare equal."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def prepare_out_dir(
+    out: Path, experiment: str, settings: dict[str, Any], overwrite: bool, seeds: list[int]
+) -> None:
+    """Create `out` (or accept it when it holds the same experiment and settings).
+
+    A different experiment or different settings in `out` is refused unless `overwrite`,
+    which deletes the dir first. The seeds are recorded but may differ between invocations.
+    """
+    out = Path(out)
+    settings = _normalized(settings)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: expected a directory for the experiment")
+    if out.is_dir() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        else:
+            stored = _read_experiment_file(out)
+            if stored is None:
+                raise UserError(
+                    f"--out {out} already exists and holds no {EXPERIMENT_FILE}: expected an "
+                    "empty or new dir, or an experiment's out dir (pass --overwrite to replace it)"
+                )
+            if stored.get("experiment") != experiment:
+                raise UserError(
+                    f"--out {out} holds experiment {stored.get('experiment')!r}, not "
+                    f"{experiment!r}: pass --overwrite to replace it, or another --out"
+                )
+            old = stored.get("arguments", {})
+            if old != settings:
+                keys = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                diffs = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys)
+                raise UserError(
+                    f"--out {out} holds experiment {experiment!r} run with other arguments "
+                    f"({diffs}): expected the same arguments to continue it; pass --overwrite "
+                    "to replace it, or another --out"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"experiment": experiment, "arguments": settings, "seeds": list(seeds)}
+    _atomic_write_text(out / EXPERIMENT_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _read_experiment_file(out: Path) -> dict[str, Any] | None:
+    path = out / EXPERIMENT_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(
+            f"{path} is not valid JSON: expected the file lightnets repro writes (pass "
+            "--overwrite to start the experiment afresh)"
+        ) from None
+    return data if isinstance(data, dict) else None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    from lightnets.engine.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
+
+
+# ----------------------------------------------------------------------------- running
+def run_experiment(spec: ExperimentSpec) -> ExperimentResults:
+    """Train every variant x seed of `spec` (resuming / skipping what is done), write results."""
+    from lightnets.engine.config import load_config
+
+    start = time.perf_counter()
+    # Every config first: a typo in an override fails now, not after hours of training.
+    configs = {
+        (v.name, seed): load_config(
+            spec.recipe, [*spec.base_overrides, *v.overrides, f"train.seed={seed}"]
+        )
+        for v in spec.variants
+        for seed in spec.seeds
+    }
+    prepare_out_dir(spec.out, spec.experiment, spec.settings, spec.overwrite, spec.seeds)
+    total = len(spec.variants) * len(spec.seeds)
+    print(
+        f"{spec.experiment}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = {total} "
+        f"runs into {spec.out}",
+        flush=True,
+    )
+    datasets: dict[str, Any] = {}
+    results: list[VariantResult] = []
+    index = 0
+    for variant in spec.variants:
+        first = configs[(variant.name, spec.seeds[0])] if spec.seeds else None
+        reason = _unbuildable(first, datasets) if first is not None else None
+        runs = []
+        for seed in spec.seeds:
+            index += 1
+            tag = f"[{index}/{total}] {variant.name} seed{seed}"
+            run_dir = spec.out / variant.name / f"seed{seed}"
+            if reason is not None:
+                print(f"{tag}: n/a ({reason})", flush=True)
+                runs.append(RunResult(variant.name, seed, str(run_dir), "n/a", reason=reason))
+                continue
+            config = configs[(variant.name, seed)]
+            runs.append(_run_one(config, run_dir, variant.name, seed, spec.metric, tag, datasets))
+        ok = [r for r in runs if r.ok]
+        results.append(
+            VariantResult(
+                variant,
+                runs,
+                summarize([r.final for r in ok]),
+                summarize([r.best for r in ok if r.best is not None]),
+                reason,
+            )
+        )
+    outcome = ExperimentResults(spec, results, time.perf_counter() - start)
+    write_results(outcome)
+    print()
+    print(format_table(outcome), flush=True)
+    print(f"results: {spec.out}/results.md, results.json, results.csv, results.png", flush=True)
+    return outcome
+
+
+def _datasets_for(config, cache: dict[str, Any]):
+    """Train/val datasets, built once per data config (all variants usually share one)."""
+    from lightnets.engine.trainer import build_datasets
+
+    key = json.dumps(asdict(config.data), sort_keys=True, default=str)
+    if config.data.val_fraction > 0:  # the held-out split depends on the seed
+        key += f"/seed{config.train.seed}"
+    if key not in cache:
+        cache[key] = build_datasets(config)
+    return cache[key]
+
+
+def _unbuildable(config, cache: dict[str, Any]) -> str | None:
+    """Why the variant's model cannot be built (None when it can)."""
+    from lightnets.engine.trainer import resolve_model_args
+    from lightnets.models.registry import create_model
+
+    train_set, _ = _datasets_for(config, cache)
+    try:
+        create_model(config.model.name, **resolve_model_args(config, train_set))
+    except (ValueError, RuntimeError, NotImplementedError, TypeError) as err:  # UserError too
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return text if isinstance(err, UserError) else f"{type(err).__name__}: {text}"
+    return None
+
+
+def _comparable(config_dict: Any) -> Any:
+    """A run's config as compared on re-runs: display-only keys (train.progress) left out."""
+    value = _normalized(config_dict)
+    if isinstance(value, dict) and isinstance(value.get("train"), dict):
+        value["train"].pop("progress", None)
+    return value
+
+
+def _is_finished(ckpt: dict[str, Any], config) -> bool:
+    max_steps = config.train.max_steps
+    if max_steps:
+        return int(ckpt.get("step", 0)) >= max_steps
+    return int(ckpt.get("epoch", 0)) >= config.train.epochs
+
+
+def _best_of(run_dir: Path, metric: str, fallback: float | None) -> float | None:
+    from lightnets.engine.logging import read_rows
+
+    values = [
+        float(r[metric])
+        for r in read_rows(run_dir)
+        if isinstance(r.get(metric), (int, float)) and not isinstance(r.get(metric), bool)
+    ]
+    if not values:
+        return fallback
+    return min(values) if metric.endswith("loss") else max(values)
+
+
+def _run_one(
+    config, run_dir: Path, variant: str, seed: int, metric: str, tag: str, datasets: dict
+) -> RunResult:
+    from lightnets.engine.checkpoint import load_checkpoint
+    from lightnets.engine.trainer import NonFiniteError, Trainer
+
+    failed = run_dir / FAILED_FILE
+    if failed.is_file():
+        reason = json.loads(failed.read_text()).get("reason", "failed")
+        print(f"{tag}: skip (failed before: {reason}; --overwrite to retry)", flush=True)
+        return RunResult(variant, seed, str(run_dir), "failed", reason=reason)
+    resume = False
+    if (run_dir / "last.pt").is_file():
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        if _comparable(ckpt.get("config")) != _comparable(config.to_dict()):
+            raise UserError(
+                f"{run_dir} holds a run with another config than this experiment asks for: "
+                "expected the same config to continue it (pass --overwrite to start afresh)"
+            )
+        if _is_finished(ckpt, config):
+            metrics = ckpt.get("metrics") or {}
+            final = metrics.get(metric)
+            best = _best_of(run_dir, metric, ckpt.get("best"))
+            print(f"{tag}: skip (finished) {_fmt_metric(metric, final, best)}", flush=True)
+            return RunResult(
+                variant,
+                seed,
+                str(run_dir),
+                "skipped",
+                final=None if final is None else float(final),
+                best=best,
+                epoch=ckpt.get("epoch"),
+                step=ckpt.get("step"),
+            )
+        resume = True
+        print(
+            f"{tag}: resume from epoch {ckpt.get('epoch')} step {ckpt.get('step')} ({run_dir})",
+            flush=True,
+        )
+    else:
+        print(f"{tag}: start ({run_dir})", flush=True)
+    start = time.perf_counter()
+    try:
+        trainer = Trainer(
+            config,
+            run_dir,
+            resume=resume,
+            overwrite=not resume,  # a dir without a checkpoint holds nothing worth keeping
+            datasets=_datasets_for(config, datasets),
+        )
+        row = trainer.fit()
+    except NonFiniteError as err:
+        reason = str(err).split(";")[0]
+        _atomic_write_text(failed, json.dumps({"reason": reason}) + "\n")
+        print(f"{tag}: failed ({reason})", flush=True)
+        return RunResult(variant, seed, str(run_dir), "failed", reason=reason)
+    seconds = time.perf_counter() - start
+    final = row.get(metric)
+    best = _best_of(run_dir, metric, trainer.best)
+    print(f"{tag}: done in {seconds:.0f} s, {_fmt_metric(metric, final, best)}", flush=True)
+    return RunResult(
+        variant,
+        seed,
+        str(run_dir),
+        "resumed" if resume else "trained",
+        final=None if final is None else float(final),
+        best=best,
+        epoch=trainer.epoch,
+        step=trainer.step,
+        seconds=seconds,
+    )
+
+
+def _fmt_metric(metric: str, final: Any, best: Any) -> str:
+    f = "none" if final is None else f"{float(final):.2f}"
+    b = "none" if best is None else f"{float(best):.2f}"
+    return f"{metric}={f} (best {b})"
+
+
+# ----------------------------------------------------------------------------- results
+def _ours(s: Summary, reason: str | None, runs: list[RunResult]) -> str:
+    if s.n == 0:
+        if reason:
+            return f"n/a ({reason})"
+        why = next((r.reason for r in runs if r.reason), None)
+        return f"failed ({why})" if why else "n/a"
+    return f"{s.mean:.2f} ± {s.std:.2f} ({s.n})"
+
+
+def _signed(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.2f}"
+
+
+def _deltas(results: ExperimentResults, vr: VariantResult) -> tuple[float | None, float | None]:
+    """(ours, paper) difference of this variant's final mean to its baseline variant's."""
+    base_name = vr.variant.baseline
+    if base_name is None or base_name == vr.variant.name:
+        return None, None
+    base = results.by_name(base_name)
+    if base is None:
+        return None, None
+    ours = None
+    if vr.final.n and base.final.n:
+        ours = vr.final.mean - base.final.mean
+    paper = None
+    if vr.variant.paper is not None and base.variant.paper is not None:
+        paper = vr.variant.paper - base.variant.paper
+    return ours, paper
+
+
+def format_table(results: ExperimentResults) -> str:
+    """The markdown results table (title, notes, one row per variant)."""
+    spec = results.spec
+    has_baseline = any(v.variant.baseline for v in results.variants)
+    head = [
+        "variant",
+        "ours (final)",
+        "ours (best epoch)",
+        spec.paper_label,
+        f"ours − {spec.paper_label}",
+    ]
+    if has_baseline:
+        head += ["Δ vs baseline (ours)", "Δ vs baseline (paper)"]
+    lines = [f"## {spec.title}", ""]
+    lines += [f"{note}" for note in spec.notes]
+    if spec.notes:
+        lines.append("")
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for vr in results.variants:
+        paper = vr.variant.paper
+        diff = vr.final.mean - paper if (vr.final.n and paper is not None) else None
+        best = _ours(vr.best, None, []) if vr.best.n else "—"
+        cells = [
+            vr.variant.label,
+            _ours(vr.final, vr.reason, vr.runs),
+            best,
+            "—" if paper is None else f"{paper:.3f}",
+            _signed(diff),
+        ]
+        if has_baseline:
+            ours_d, paper_d = _deltas(results, vr)
+            cells += [_signed(ours_d), _signed(paper_d)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"ours: {spec.metric} ({spec.metric_label}) at the last epoch, mean ± std over seeds "
+        "(ddof=1) and the number of seeds in parentheses; best epoch: the highest value over "
+        "the evaluated epochs (selected on the evaluation set, so optimistic).",
+    ]
+    return "\n".join(lines)
+
+
+def _results_dict(results: ExperimentResults) -> dict[str, Any]:
+    spec = results.spec
+    variants = []
+    for vr in results.variants:
+        ours_d, paper_d = _deltas(results, vr)
+        variants.append(
+            {
+                "name": vr.variant.name,
+                "label": vr.variant.label,
+                "overrides": vr.variant.overrides,
+                "status": vr.status,
+                "reason": vr.reason,
+                "paper": vr.variant.paper,
+                "baseline": vr.variant.baseline,
+                "final": asdict(vr.final),
+                "best": asdict(vr.best),
+                "diff_to_paper": (
+                    vr.final.mean - vr.variant.paper
+                    if vr.final.n and vr.variant.paper is not None
+                    else None
+                ),
+                "delta_vs_baseline": ours_d,
+                "paper_delta_vs_baseline": paper_d,
+                "runs": [asdict(r) for r in vr.runs],
+            }
+        )
+    return {
+        "experiment": spec.experiment,
+        "title": spec.title,
+        "arguments": _normalized(spec.settings),
+        "seeds": spec.seeds,
+        "recipe": spec.recipe,
+        "base_overrides": spec.base_overrides,
+        "metric": spec.metric,
+        "paper_label": spec.paper_label,
+        "notes": spec.notes,
+        "seconds": results.seconds,
+        "variants": variants,
+    }
+
+
+def _csv_text(results: ExperimentResults) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(
+        [
+            "variant",
+            "label",
+            "status",
+            "n",
+            "final_mean",
+            "final_std",
+            "best_mean",
+            "best_std",
+            "paper",
+            "diff_to_paper",
+            "final_values",
+            "reason",
+        ]
+    )
+    for vr in results.variants:
+        paper = vr.variant.paper
+        diff = vr.final.mean - paper if (vr.final.n and paper is not None) else None
+        writer.writerow(
+            [
+                vr.variant.name,
+                vr.variant.label,
+                vr.status,
+                vr.final.n,
+                _num(vr.final.mean),
+                _num(vr.final.std),
+                _num(vr.best.mean),
+                _num(vr.best.std),
+                _num(paper),
+                _num(diff),
+                ";".join(f"{v:.4f}" for v in vr.final.values),
+                vr.reason or "",
+            ]
+        )
+    return buf.getvalue()
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def write_results(results: ExperimentResults) -> None:
+    """results.md, results.json, results.csv and results.png in the experiment's out dir."""
+    out = Path(results.spec.out)
+    _atomic_write_text(out / "results.md", format_table(results) + "\n")
+    _atomic_write_text(
+        out / "results.json", json.dumps(_results_dict(results), indent=2, default=str) + "\n"
+    )
+    _atomic_write_text(out / "results.csv", _csv_text(results))
+    plot_results(results, out / "results.png")
+
+
+def plot_results(results: ExperimentResults, path: Path) -> None:
+    """Bar chart of ours (final, mean with std error bars) per variant; the paper as markers."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    spec = results.spec
+    variants = results.variants
+    n = len(variants)
+    fig = Figure(figsize=(max(7.0, 0.9 * n + 4.0), 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = list(range(n))
+    means = [vr.final.mean if vr.final.n else 0.0 for vr in variants]
+    stds = [vr.final.std if vr.final.n else 0.0 for vr in variants]
+    have = [vr.final.n > 0 for vr in variants]
+    values = [m for m, h in zip(means, have) if h]
+    values += [vr.variant.paper for vr in variants if vr.variant.paper is not None]
+    low = 0.0
+    if values:  # accuracies sit in a narrow band: start the axis just below it (noted on it)
+        span = max(values) - min(values)
+        low = max(0.0, math.floor(min(values) - max(2.0, 0.5 * span) - max(stds, default=0.0)))
+    ax.bar(
+        [x for x, h in zip(xs, have) if h],
+        [m - low for m, h in zip(means, have) if h],
+        bottom=low,
+        yerr=[s for s, h in zip(stds, have) if h],
+        capsize=4,
+        color="#4c72b0",
+        label="ours (final, mean ± std)",
+    )
+    px = [x for x, vr in zip(xs, variants) if vr.variant.paper is not None]
+    py = [vr.variant.paper for vr in variants if vr.variant.paper is not None]
+    if px:
+        ax.scatter(px, py, marker="D", color="#c44e52", zorder=3, label=spec.paper_label)
+    top = max(values) if values else 1.0
+    top += max(1.0, 0.08 * (top - low))
+    for x, vr in zip(xs, variants):
+        if not vr.final.n:
+            ax.text(x, low + 0.02 * (top - low), "n/a", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([vr.variant.label for vr in variants], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(low, top)
+    cut = f" (axis starts at {low:g})" if low > 0 else ""
+    ax.set_ylabel(f"{spec.metric}{cut}", fontsize=9)
+    ax.set_title(textwrap.fill(spec.title, 70), fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
