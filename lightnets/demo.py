@@ -16,6 +16,8 @@ from lightnets.analysis.profile import format_count, profile
 from lightnets.deploy.fuse import fuse
 from lightnets.engine.config import load_config
 from lightnets.engine.trainer import Trainer
+from lightnets.nn.fbn import FBNConv2d
+from lightnets.optim.factory import is_norm_layer
 
 
 @torch.no_grad()
@@ -67,7 +69,7 @@ def run_demo(run_dir: Path, overrides: list[str] = ()) -> dict[str, float]:
     leftover = [
         type(m).__name__
         for m in fused.modules()
-        if "Norm" in type(m).__name__ or "FBN" in type(m).__name__
+        if is_norm_layer(m) or isinstance(m, FBNConv2d)
     ]
 
     summary = {

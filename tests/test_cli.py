@@ -90,4 +90,5 @@ def test_demo_short(tmp_path, capsys):
     assert main(["demo", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and "params" in out and "onnxruntime check passed" in out
+    assert "norm layers left after fusion: 0" in out
     assert (tmp_path / "d" / "curves.png").is_file()
