@@ -31,6 +31,7 @@ import math
 import shutil
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,11 @@ __all__ = [
     "Variant",
     "VariantResult",
     "format_table",
+    "int_list",
     "prepare_out_dir",
     "run_experiment",
     "summarize",
+    "toml_string",
     "write_results",
 ]
 
@@ -93,6 +96,10 @@ class ExperimentSpec:
     paper_label: str = "paper"
     notes: list[str] = field(default_factory=list)
     overwrite: bool = False
+    #: report 100 - metric (top-1 error from accuracy), as papers that tabulate error do
+    as_error: bool = False
+    #: callbacks for one run (a variant's name and seed -> fresh Callback objects)
+    callbacks: Callable[[str, int], list] | None = None
 
 
 @dataclass
@@ -163,6 +170,25 @@ class ExperimentResults:
 
     def by_name(self, name: str) -> VariantResult | None:
         return next((v for v in self.variants if v.variant.name == name), None)
+
+
+# ----------------------------------------------------------------------------- options
+def int_list(text: str | None, option: str) -> list[int] | None:
+    """Comma-separated integers >= 1 from a command-line option (None when not given)."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"{option} {text!r}: expected comma-separated integers >= 1, e.g. 1,2,4")
+    return list(dict.fromkeys(values))  # keep the order, drop repeats
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string literal (config overrides are read as TOML values)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # ----------------------------------------------------------------------------- out dir
@@ -269,7 +295,11 @@ def run_experiment(spec: ExperimentSpec) -> ExperimentResults:
                 runs.append(RunResult(variant.name, seed, str(run_dir), "n/a", reason=reason))
                 continue
             config = configs[(variant.name, seed)]
-            runs.append(_run_one(config, run_dir, variant.name, seed, spec.metric, tag, datasets))
+            callbacks = spec.callbacks(variant.name, seed) if spec.callbacks else []
+            run = _run_one(
+                config, run_dir, variant.name, seed, spec.metric, tag, datasets, callbacks
+            )
+            runs.append(_as_error(run) if spec.as_error else run)
         ok = [r for r in runs if r.ok]
         results.append(
             VariantResult(
@@ -286,6 +316,15 @@ def run_experiment(spec: ExperimentSpec) -> ExperimentResults:
     print(format_table(outcome), flush=True)
     print(f"results: {spec.out}/results.md, results.json, results.csv, results.png", flush=True)
     return outcome
+
+
+def _as_error(run: RunResult) -> RunResult:
+    """The run with its accuracy values (%) turned into errors (100 - accuracy)."""
+    for name in ("final", "best"):
+        value = getattr(run, name)
+        if value is not None:
+            setattr(run, name, 100.0 - value)
+    return run
 
 
 def _datasets_for(config, cache: dict[str, Any]):
@@ -343,7 +382,14 @@ def _best_of(run_dir: Path, metric: str, fallback: float | None) -> float | None
 
 
 def _run_one(
-    config, run_dir: Path, variant: str, seed: int, metric: str, tag: str, datasets: dict
+    config,
+    run_dir: Path,
+    variant: str,
+    seed: int,
+    metric: str,
+    tag: str,
+    datasets: dict,
+    callbacks: list | None = None,
 ) -> RunResult:
     from lightnets.engine.checkpoint import load_checkpoint
     from lightnets.engine.trainer import NonFiniteError, Trainer
@@ -391,6 +437,7 @@ def _run_one(
             resume=resume,
             overwrite=not resume,  # a dir without a checkpoint holds nothing worth keeping
             datasets=_datasets_for(config, datasets),
+            callbacks=callbacks or (),
         )
         row = trainer.fit()
     except NonFiniteError as err:
@@ -487,9 +534,10 @@ def format_table(results: ExperimentResults) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"ours: {spec.metric} ({spec.metric_label}) at the last epoch, mean ± std over seeds "
-        "(ddof=1) and the number of seeds in parentheses; best epoch: the highest value over "
-        "the evaluated epochs (selected on the evaluation set, so optimistic).",
+        f"ours: {'100 − ' if spec.as_error else ''}{spec.metric} ({spec.metric_label}) at the "
+        "last epoch, mean ± std over seeds (ddof=1) and the number of seeds in parentheses; "
+        f"best epoch: the {'lowest' if spec.as_error else 'highest'} value over the evaluated "
+        "epochs (selected on the evaluation set, so optimistic).",
     ]
     return "\n".join(lines)
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
+from lightnets.experiments.base import int_list, toml_string
 
 # The paper's numbers, copied verbatim (top-1 accuracy in %, test set).
 #: Table 5: Finet (large) on CIFAR-10/100, [dataset][affine][G].
@@ -77,18 +78,6 @@ DEFAULT_RESNET_GROUPS = (1, 2, 4)
 def scaled_milestones(epochs: int) -> list[int]:
     """The paper's lr milestones (100, 150 of 200 epochs) moved proportionally to `epochs`."""
     return sorted({max(1, int(epochs * m / PAPER_EPOCHS + 0.5)) for m in PAPER_MILESTONES})
-
-
-def _int_list(text: str | None, option: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 for v in values):
-        raise UserError(f"{option} {text!r}: expected comma-separated integers >= 1, e.g. 1,2,4")
-    return list(dict.fromkeys(values))  # keep the order, drop repeats
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -233,8 +222,8 @@ def build_spec(args: argparse.Namespace):
     """The runner's ExperimentSpec for parsed `fbn-cifar` arguments (validates them)."""
     from lightnets.experiments.base import ExperimentSpec
 
-    groups = _int_list(args.groups, "--groups")
-    cpg = _int_list(args.channels_per_group, "--channels-per-group")
+    groups = int_list(args.groups, "--groups")
+    cpg = int_list(args.channels_per_group, "--channels-per-group")
     model = args.model
     if model in RESNET_MODELS:
         study = "table7"
@@ -293,7 +282,7 @@ def build_spec(args: argparse.Namespace):
                 "cifar-10-batches-bin): expected a path; for a CPU-scale run use --data mnist5k"
             )
         root = str(Path(args.root).expanduser().resolve())
-        overrides.append(f"data.root={_toml_string(root)}")
+        overrides.append(f"data.root={toml_string(root)}")
     epochs = args.epochs or (MNIST_EPOCHS if small else PAPER_EPOCHS)
     if epochs != PAPER_EPOCHS:
         milestones = ", ".join(str(m) for m in scaled_milestones(epochs))
@@ -368,11 +357,6 @@ def build_spec(args: argparse.Namespace):
         notes=notes,
         overwrite=args.overwrite,
     )
-
-
-def _toml_string(text: str) -> str:
-    """A TOML basic string literal (the override parser reads values as TOML)."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 @register_experiment(

@@ -154,6 +154,8 @@ class ResNet(nn.Module):
         zero_init_last: bool = False,
         norm_kwargs: dict | None = None,
         name: str = "resnet",
+        widths: Sequence[int] = (64, 128, 256, 512),
+        stem_stride: int | None = None,
     ) -> None:
         super().__init__()
         for value, what in ((num_classes, "num_classes"), (in_chans, "in_chans")):
@@ -170,15 +172,19 @@ class ResNet(nn.Module):
             )
         spec = _NormSpec(norm, fbn_groups, fbn_impl, name, norm_kwargs)
         self.num_classes = num_classes
+        if len(widths) != len(layers):
+            raise ValueError(f"{name}: {len(layers)} stages need {len(layers)} widths")
+        self.num_stages = len(layers)
+        stem = widths[0]
         if cifar_stem:
-            self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, stem, 3, stem_stride or 1, 1, bias=False)
         else:
-            self.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
-        self.bn1 = spec.norm(spec.stem_kind, 64)
+            self.conv1 = nn.Conv2d(in_chans, stem, 7, stem_stride or 2, 3, bias=False)
+        self.bn1 = spec.norm(spec.stem_kind, stem)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
-        inplanes = 64
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers), start=1):
+        inplanes = stem
+        for i, (planes, n) in enumerate(zip(widths, layers), start=1):
             blocks = []
             for j in range(n):
                 stride = 2 if (j == 0 and i > 1) else 1
@@ -211,7 +217,7 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for i in range(1, 5):
+        for i in range(1, self.num_stages + 1):
             x = getattr(self, f"layer{i}")(x)
         return x
 
@@ -271,4 +277,38 @@ def resnet50(
         zero_init_last=zero_init_last,
         norm_kwargs=norm_kwargs,
         name="resnet50",
+    )
+
+
+@register_model
+def resnet_mini(
+    num_classes: int = 10,
+    in_chans: int = 1,
+    norm: str = "bn",
+    fbn_groups: int = 1,
+    fbn_impl: str = "auto",
+    zero_init_last: bool = False,
+    norm_kwargs: dict | None = None,
+) -> nn.Module:
+    """A ResNet sized for 28x28 on a CPU, for the GN studies on the bundled MNIST subset.
+
+    3x3 stride-2 stem to 64 channels (28 -> 14, no max-pool), then three stages of one
+    BasicBlock each at widths 64/128/256 (14, 7, 4 pixels): 1.2M parameters, 41M MACs at 28x28.
+    Every norm layer has a multiple of 64 channels, so GN's Table 3 divisions (G and channels
+    per group in 64..1) all exist, as in ResNet-50.
+    """
+    return ResNet(
+        BasicBlock,
+        (1, 1, 1),
+        num_classes=num_classes,
+        in_chans=in_chans,
+        norm=norm,
+        fbn_groups=fbn_groups,
+        fbn_impl=fbn_impl,
+        cifar_stem=True,
+        zero_init_last=zero_init_last,
+        norm_kwargs=norm_kwargs,
+        name="resnet_mini",
+        widths=(64, 128, 256),
+        stem_stride=2,
     )

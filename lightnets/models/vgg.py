@@ -3,9 +3,10 @@ model of the GN paper's Fig. 6 (no normalization vs. BN vs. GN).
 
 Layout and parameter names are torchvision's: `features` is one Sequential of 13
 (3x3 conv, padding 1, with bias) [+ norm] + ReLU layers, 64-64-M-128-128-M-256x3-M-512x3-M-512x3-M
-(M: 2x2 max-pool, stride 2); `avgpool`; `classifier`. With norm="none" the state_dict keys and
-the 138,357,544 parameters equal torchvision's ``vgg16``; with norm="bn" its ``vgg16_bn``
-(138,365,992): the convs keep their bias as torchvision's do.
+(M: 2x2 max-pool, stride 2, rounding up so odd sizes work: 28x28 MNIST goes 28-14-7-4-2-1;
+identical to torchvision's for 32x32 and 224x224); `avgpool`; `classifier`. With
+norm="none" the state_dict keys and the 138,357,544 parameters equal torchvision's ``vgg16``;
+with norm="bn" its ``vgg16_bn`` (138,365,992): the convs keep their bias as torchvision's do.
 
 - ImageNet head (default): AdaptiveAvgPool2d(7) -> Linear(512*7*7, 4096) -> ReLU -> Dropout ->
   Linear(4096, 4096) -> ReLU -> Dropout -> Linear(4096, num_classes).
@@ -44,6 +45,7 @@ class VGG(nn.Module):
         cifar_stem: bool = False,
         drop_rate: float = 0.5,
         name: str = "vgg",
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         for value, what in ((num_classes, "num_classes"), (in_chans, "in_chans")):
@@ -56,12 +58,15 @@ class VGG(nn.Module):
             )
         if not 0.0 <= float(drop_rate) < 1.0:
             raise UserError(f"{name}: drop_rate must be in [0, 1), got {drop_rate!r}")
+        if not float(width) > 0:
+            raise UserError(f"{name}: width must be > 0, got {width!r}")
         self.num_classes = num_classes
+        config = tuple(c if c == "M" else max(1, round(int(c) * width)) for c in config)
         layers: list[nn.Module] = []
         cin = in_chans
         for item in config:
             if item == "M":
-                layers.append(nn.MaxPool2d(2, 2))
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
                 continue
             layers.append(nn.Conv2d(cin, int(item), 3, padding=1))
             norm_module = norm_layer(norm, int(item), **(norm_kwargs or {}))
@@ -115,8 +120,13 @@ def vgg16(
     norm_kwargs: dict | None = None,
     cifar_stem: bool = False,
     drop_rate: float = 0.5,
+    width: float = 1.0,
 ) -> nn.Module:
-    """VGG-16 (13 convs + 3 FC): 138.36M parameters with norm="none", 15.5 GMACs at 224x224."""
+    """VGG-16 (13 convs + 3 FC): 138.36M parameters with norm="none", 15.5 GMACs at 224x224.
+
+    `width` multiplies every conv's channels (0.25: 16-16-M-...-128, for CPU-scale studies;
+    keep a multiple of 1/64 with GN's default 32 groups, or pass norm_kwargs).
+    """
     return VGG(
         VGG16_CONFIG,
         num_classes=num_classes,
@@ -126,4 +136,5 @@ def vgg16(
         cifar_stem=cifar_stem,
         drop_rate=drop_rate,
         name="vgg16",
+        width=width,
     )
