@@ -67,9 +67,7 @@ def run_demo(run_dir: Path, overrides: list[str] = ()) -> dict[str, float]:
     )
     onnx_acc = (onnx_logits.argmax(1) == targets).float().mean().item() * 100
     leftover = [
-        type(m).__name__
-        for m in fused.modules()
-        if is_norm_layer(m) or isinstance(m, FBNConv2d)
+        type(m).__name__ for m in fused.modules() if is_norm_layer(m) or isinstance(m, FBNConv2d)
     ]
 
     summary = {
