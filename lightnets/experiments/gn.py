@@ -272,10 +272,41 @@ def _note(setting: _Setting, recipe_overrides: list[str], seeds: int, what: str)
     return notes
 
 
+def _gn_spec(
+    args: argparse.Namespace,
+    setting: _Setting,
+    name: str,
+    title: str,
+    variants: list,
+    base: list[str],
+    what: str,
+    **settings: Any,
+):
+    """The ExperimentSpec shared by the GN experiments: errors, paper column, notes, out dir."""
+    from lightnets.experiments.base import ExperimentSpec
+
+    return ExperimentSpec(
+        experiment=name,
+        title=f"{title} — {setting.shown_data}",
+        out=Path(args.out or Path("runs") / "repro" / f"{name}-{setting.data}"),
+        recipe=setting.recipe,
+        variants=variants,
+        seeds=list(range(args.seeds)),
+        settings=setting.settings(**settings),
+        base_overrides=base,
+        metric="val_acc1",
+        metric_label="top-1 error (%) on the validation split",
+        paper_label=setting.paper_label,
+        notes=_note(setting, base, args.seeds, what),
+        overwrite=args.overwrite,
+        as_error=True,
+    )
+
+
 # ----------------------------------------------------------------------------- gn-batch-size
 def batch_size_spec(args: argparse.Namespace):
     """The runner's ExperimentSpec for parsed `gn-batch-size` arguments (validates them)."""
-    from lightnets.experiments.base import ExperimentSpec, Variant
+    from lightnets.experiments.base import Variant
 
     setting = _Setting(args, "resnet")
     norms = _norm_list(args.norms, DEFAULT_NORMS, ("bn", "gn", "brn", "ln", "in", "none"))
@@ -300,30 +331,20 @@ def batch_size_spec(args: argparse.Namespace):
                 )
             )
     lr = args.lr or 0.1
-    return ExperimentSpec(
-        experiment="gn-batch-size",
-        title=f"gn-batch-size (Table 2): validation error vs images per worker — "
-        f"{setting.shown_data}",
-        out=Path(args.out or Path("runs") / "repro" / f"gn-batch-size-{setting.data}"),
-        recipe=setting.recipe,
-        variants=variants,
-        seeds=list(range(args.seeds)),
-        settings=setting.settings(norms=norms, batch_sizes=batches, lr=args.lr),
-        base_overrides=base,
-        metric="val_acc1",
-        metric_label="top-1 error (%) on the validation split",
-        paper_label=setting.paper_label,
-        notes=_note(
-            setting,
-            base,
-            args.seeds,
-            f"lr = {lr:g} x N / 32 for N images per worker (linear scaling rule); BRN with "
-            f"r_max {BRN_LIMITS['r_max']}, d_max {BRN_LIMITS['d_max']}, plain BN for the first "
-            f"{BRN_WARMUP:.0%} of the steps, limits relaxed over the next {BRN_RELAX:.0%}. "
-            "Δ columns: this norm minus BN at the same batch size.",
-        ),
-        overwrite=args.overwrite,
-        as_error=True,
+    return _gn_spec(
+        args,
+        setting,
+        "gn-batch-size",
+        "gn-batch-size (Table 2): validation error vs images per worker",
+        variants,
+        base,
+        f"lr = {lr:g} x N / 32 for N images per worker (linear scaling rule); BRN with "
+        f"r_max {BRN_LIMITS['r_max']}, d_max {BRN_LIMITS['d_max']}, plain BN for the first "
+        f"{BRN_WARMUP:.0%} of the steps, limits relaxed over the next {BRN_RELAX:.0%}. "
+        "Δ columns: this norm minus BN at the same batch size.",
+        norms=norms,
+        batch_sizes=batches,
+        lr=args.lr,
     )
 
 
@@ -438,7 +459,7 @@ def gn_batch_size(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- gn-groups
 def groups_spec(args: argparse.Namespace):
     """The runner's ExperimentSpec for parsed `gn-groups` arguments (validates them)."""
-    from lightnets.experiments.base import ExperimentSpec, Variant
+    from lightnets.experiments.base import Variant
 
     setting = _Setting(args, "resnet")
     groups = _list_or_default(args.groups, "--groups", DEFAULT_GROUPS)
@@ -469,27 +490,17 @@ def groups_spec(args: argparse.Namespace):
                 baseline="G32" if 32 in groups else None,
             )
         )
-    base = setting.all_overrides()
-    return ExperimentSpec(
-        experiment="gn-groups",
-        title=f"gn-groups (Table 3): GN group division — {setting.shown_data}",
-        out=Path(args.out or Path("runs") / "repro" / f"gn-groups-{setting.data}"),
-        recipe=setting.recipe,
-        variants=variants,
-        seeds=list(range(args.seeds)),
-        settings=setting.settings(groups=groups, channels_per_group=cpg, lr=args.lr),
-        base_overrides=base,
-        metric="val_acc1",
-        metric_label="top-1 error (%) on the validation split",
-        paper_label=setting.paper_label,
-        notes=_note(
-            setting,
-            base,
-            args.seeds,
-            "32 images per worker. Δ columns: the variant minus G = 32 (the paper's default).",
-        ),
-        overwrite=args.overwrite,
-        as_error=True,
+    return _gn_spec(
+        args,
+        setting,
+        "gn-groups",
+        "gn-groups (Table 3): GN group division",
+        variants,
+        setting.all_overrides(),
+        "32 images per worker. Δ columns: the variant minus G = 32 (the paper's default).",
+        groups=groups,
+        channels_per_group=cpg,
+        lr=args.lr,
     )
 
 
@@ -590,7 +601,7 @@ def _probe_batch(setting: _Setting, overrides: list[str], n: int):
 def feature_dist_spec(args: argparse.Namespace):
     """The runner's ExperimentSpec for parsed `gn-feature-dist` arguments (validates them)."""
     from lightnets.engine.config import load_config
-    from lightnets.experiments.base import ExperimentSpec, Variant
+    from lightnets.experiments.base import Variant
 
     setting = _Setting(args, "vgg")
     norms = _norm_list(args.norms, ("none", "bn", "gn"), ("none", "bn", "gn", "ln", "in", "brn"))
@@ -628,32 +639,22 @@ def feature_dist_spec(args: argparse.Namespace):
     every = max(1, steps // args.records)
     probe = _probe_batch(setting, all_base, args.probe_images)
 
-    return ExperimentSpec(
-        experiment="gn-feature-dist",
-        title=f"gn-feature-dist (Fig. 6): VGG-16 without norm / with BN / with GN — "
-        f"{setting.shown_data}",
-        out=Path(args.out or Path("runs") / "repro" / f"gn-feature-dist-{setting.data}"),
-        recipe=setting.recipe,
-        variants=variants,
-        seeds=list(range(args.seeds)),
-        settings=setting.settings(
-            norms=norms, lr=args.lr, probe_images=args.probe_images, records=args.records
-        ),
-        base_overrides=all_base,
-        metric="val_acc1",
-        metric_label="top-1 error (%) on the validation split",
-        paper_label=setting.paper_label,
-        notes=_note(
-            setting,
-            all_base,
-            args.seeds,
-            f"Percentiles {', '.join(map(str, PERCENTILES))} of the last conv's output (before "
-            f"norm and ReLU) on the first {len(probe)} training images, every {every} steps.",
-        ),
-        overwrite=args.overwrite,
-        as_error=True,
-        callbacks=lambda variant, seed: [FeaturePercentiles(probe, every)],
+    spec = _gn_spec(
+        args,
+        setting,
+        "gn-feature-dist",
+        "gn-feature-dist (Fig. 6): VGG-16 without norm / with BN / with GN",
+        variants,
+        all_base,
+        f"Percentiles {', '.join(map(str, PERCENTILES))} of the last conv's output (before "
+        f"norm and ReLU) on the first {len(probe)} training images, every {every} steps.",
+        norms=norms,
+        lr=args.lr,
+        probe_images=args.probe_images,
+        records=args.records,
     )
+    spec.callbacks = lambda variant, seed: [FeaturePercentiles(probe, every)]
+    return spec
 
 
 def plot_feature_dist(results, path: Path) -> None:
