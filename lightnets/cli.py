@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lightnets.commands import add_set_option
 from lightnets.errors import UserError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
@@ -30,13 +31,8 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. --set train.epochs=1 --set model.args.width=16",
+    add_set_option(
+        parser, "override a recipe value, e.g. --set train.epochs=1 --set model.args.width=16"
     )
 
 
@@ -135,14 +131,7 @@ def eval_command(args: argparse.Namespace) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="run directory (default: runs/demo-<timestamp>)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the recipe's)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a value of the mnist_demo recipe",
-    )
+    add_set_option(p, "override a value of the mnist_demo recipe")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 

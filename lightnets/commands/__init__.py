@@ -21,6 +21,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = [
+    "add_set_option",
     "checkpoint_input_size",
     "load_checkpoint_model",
     "parse_input_size",
@@ -28,6 +29,13 @@ __all__ = [
     "parse_literal",
     "resolve_checkpoint_path",
 ]
+
+
+def add_set_option(parser: Any, help: str, dest: str = "overrides") -> None:
+    """The repeatable `--set KEY=VALUE` option every command with overrides takes."""
+    parser.add_argument(
+        "--set", dest=dest, action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def parse_literal(text: str) -> Any:

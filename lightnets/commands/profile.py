@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lightnets.commands import add_set_option
 from lightnets.errors import UserError
 
 __all__ = ["add_profile_arguments", "profile_command"]
@@ -25,13 +26,10 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
         help="input: 224, H,W or a full shape 1,3,224,224 (default: 224, or the run's size "
         "for a checkpoint)",
     )
-    p.add_argument(
-        "--set",
+    add_set_option(
+        p,
+        "model keyword argument, e.g. --set fbn_groups=4 --set cifar_stem=true",
         dest="model_kwargs",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model keyword argument, e.g. --set fbn_groups=4 --set cifar_stem=true",
     )
     p.add_argument("--best", action="store_true", help="with a run dir: use best.pt")
     p.add_argument("--table", action="store_true", help="print the per-layer table")

@@ -30,6 +30,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from lightnets.commands import add_set_option
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
 from lightnets.experiments.base import int_list, toml_string
@@ -122,14 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="stop each run after this many steps (smoke runs)")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override passed to every run, e.g. --set data.num_workers=4",
-    )
+    add_set_option(p, "config override passed to every run, e.g. --set data.num_workers=4")
     p.add_argument(
         "--out",
         type=Path,

@@ -33,6 +33,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lightnets.commands import add_set_option
 from lightnets.engine.callbacks import Callback
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
@@ -100,14 +101,7 @@ def _add_common(p: argparse.ArgumentParser, name: str, seeds: int) -> None:
     p.add_argument("--epochs", type=int, help="epochs per run (lr milestones scale with it)")
     p.add_argument("--max-steps", type=int, help="stop each run after this many steps (smoke runs)")
     p.add_argument("--lr", type=float, help="base lr at 32 images per worker (default 0.1)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override passed to every run, e.g. --set data.num_workers=4",
-    )
+    add_set_option(p, "config override passed to every run, e.g. --set data.num_workers=4")
     p.add_argument("--out", type=Path, help=f"experiment dir (default runs/repro/{name}-<data>)")
     p.add_argument(
         "--overwrite", action="store_true", help="delete an existing --out dir and start afresh"
