@@ -71,3 +71,45 @@ def test_recipe_trains_on_an_image_folder(tmp_path):
     assert trainer.train_set.image_size == (32, 32)
     assert 0.0 <= row["val_acc1"] <= 100.0
     assert (tmp_path / "run" / "last.pt").is_file()
+
+
+def test_resnet_gn_cifar_recipe_is_the_papers_setting_on_cifar():
+    c = load_config("resnet_gn_cifar", ["data.root=/data/cifar"])
+    assert c.model.name == "resnet18"
+    assert c.model.args == {
+        "cifar_stem": True,
+        "norm": "gn",
+        "norm_kwargs": {"num_groups": 32},
+        "zero_init_last": True,
+    }
+    assert (c.data.name, c.data.batch_size) == ("cifar10", 32)
+    assert (c.optim.lr, c.optim.lr_reference_batch) == (0.1, 32)  # 0.1 N / 32 per worker
+    assert (c.optim.weight_decay, c.optim.norm_weight_decay) == (1e-4, 1e-4)
+    assert (c.schedule.milestones, c.train.epochs) == ([30, 60, 90], 100)
+
+
+def test_resnet_gn_cifar_recipe_trains_on_cifar_binary_files(tmp_path):
+    from tests.data.conftest import write_cifar10
+
+    write_cifar10(tmp_path / "data", "bin", per_batch=4, n_test=4)
+    overrides = [
+        f"data.root={tmp_path / 'data'}",
+        "data.batch_size=4",
+        "train.max_steps=2",
+        "train.progress=false",
+        "output.plot=false",
+    ]
+    trainer = Trainer(load_config("resnet_gn_cifar", overrides), tmp_path / "run")
+    assert sum(isinstance(m, nn.GroupNorm) for m in trainer.model.modules()) == 20
+    assert trainer.base_lr == pytest.approx(0.1 * 4 / 32)
+    row = trainer.fit()
+    assert trainer.step == 2 and 0.0 <= row["val_acc1"] <= 100.0
+
+
+def test_gn_mnist_recipe_is_the_small_scale_setting():
+    c = load_config("gn_mnist")
+    assert (c.model.name, c.data.name, c.data.batch_size) == ("resnet_mini", "mnist5k", 32)
+    assert c.model.args["norm"] == "gn" and c.model.args["norm_kwargs"] == {"num_groups": 32}
+    assert (c.optim.lr, c.optim.lr_reference_batch, c.optim.norm_weight_decay) == (0.1, 32, 1e-4)
+    # the paper's lr / 10 at 30%, 60%, 90% of training, rounded up: epochs 2 and 3 of 4
+    assert (c.schedule.milestones, c.train.epochs) == ([2, 3], 4)
