@@ -1,6 +1,35 @@
 """Layers: each file one concept (see DESIGN.md)."""
 
+from lightnets.nn.binary import (
+    QUANTIZERS,
+    BinaryConv2d,
+    BinaryLinear,
+    approx_sign,
+    clip_latent_weights_,
+    get_quantizer,
+    hard_sigmoid,
+    is_binary_parameter,
+    ste_sign,
+    stochastic_sign,
+)
 from lightnets.nn.fbn import FBNConv2d
 from lightnets.nn.norm import NORM_KINDS, BatchRenorm, FrozenBatchNorm, NormSpec, make_norm
 
-__all__ = ["NORM_KINDS", "BatchRenorm", "FBNConv2d", "FrozenBatchNorm", "NormSpec", "make_norm"]
+__all__ = [
+    "NORM_KINDS",
+    "QUANTIZERS",
+    "BatchRenorm",
+    "BinaryConv2d",
+    "BinaryLinear",
+    "FBNConv2d",
+    "FrozenBatchNorm",
+    "NormSpec",
+    "approx_sign",
+    "clip_latent_weights_",
+    "get_quantizer",
+    "hard_sigmoid",
+    "is_binary_parameter",
+    "make_norm",
+    "ste_sign",
+    "stochastic_sign",
+]

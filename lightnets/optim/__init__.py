@@ -1,5 +1,12 @@
-"""Optimizers by name (with norm/bias weight-decay groups) and multiplicative schedules."""
+"""Optimizers by name (with norm/bias weight-decay groups), Bop, and multiplicative schedules."""
 
+from lightnets.optim.bop import (
+    Bop,
+    binary_parameters,
+    log_flip_ratio,
+    named_binary_parameters,
+    real_parameters,
+)
 from lightnets.optim.factory import (
     build_optimizer,
     is_norm_layer,
@@ -10,12 +17,17 @@ from lightnets.optim.factory import (
 from lightnets.optim.schedules import Scheduler, build_schedule, list_schedules
 
 __all__ = [
+    "Bop",
     "Scheduler",
+    "binary_parameters",
     "build_optimizer",
     "build_schedule",
     "is_norm_layer",
     "list_optimizers",
     "list_schedules",
+    "log_flip_ratio",
+    "named_binary_parameters",
     "param_groups",
+    "real_parameters",
     "register_optimizer",
 ]
