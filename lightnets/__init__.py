@@ -6,7 +6,7 @@ from typing import Any
 
 from lightnets import analysis, data, deploy, engine, models, nn, optim
 from lightnets.analysis import profile
-from lightnets.deploy import convert_norm, fuse
+from lightnets.deploy import convert_norm, fuse, load_packed, pack_binary, save_packed
 from lightnets.errors import UserError
 from lightnets.models.registry import create_model, list_models, register_model
 
@@ -34,9 +34,12 @@ __all__ = [
     "export",
     "fuse",
     "list_models",
+    "load_packed",
     "models",
     "nn",
     "optim",
+    "pack_binary",
     "profile",
     "register_model",
+    "save_packed",
 ]

@@ -1,5 +1,8 @@
 """`lightnets export CHECKPOINT`: write the fused model of a run as ONNX or TorchScript.
 
+A binary model (bnn_mnist, binarynet_cifar) has its binary layers packed (lightnets.pack_binary,
+BatchNorm folded into the packed layers): the file holds its weights as bits.
+
 The model is rebuilt from the checkpoint (model_name, model_args, weights loaded strictly),
 its normalization folded into the convolutions, written, and checked: onnxruntime (or
 torch.jit.load) must reproduce both the fused and the unfused PyTorch model. Prints a short
@@ -107,6 +110,8 @@ def export_command(args: argparse.Namespace) -> int:
         if result.fused
         else f"  params        {result.params:,} (not fused)"
     )
+    if result.binary_weights:
+        print(f"  binary        {result.binary_weights:,} weights stored as bits (1 bit each)")
     print(
         f"  {checker:<13} ok: max |diff| {result.max_abs_diff_fused:.3g} vs fused PyTorch, "
         f"{result.max_abs_diff_unfused:.3g} vs unfused"

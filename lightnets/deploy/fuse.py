@@ -33,6 +33,7 @@ __all__ = [
     "find_pairs",
     "fold_bn",
     "fuse",
+    "is_eval_affine_norm",
     "is_foldable_linear",
     "is_foldable_norm",
     "set_module",
@@ -63,6 +64,12 @@ def is_foldable_linear(module: nn.Module) -> bool:
 def is_foldable_norm(module: nn.Module) -> bool:
     """A torch BatchNorm (or SyncBatchNorm) layer; whether its statistics allow folding aside."""
     return isinstance(module, _BatchNorm) and type(module).forward in _BN_FORWARDS
+
+
+def is_eval_affine_norm(module: nn.Module) -> bool:
+    """A norm that is a fixed per-channel affine map in eval: a torch BatchNorm with running
+    statistics, a FrozenBatchNorm or a BatchRenorm."""
+    return (is_foldable_norm(module) and module.running_mean is not None) or _is_eval_affine(module)
 
 
 def _matches(linear: nn.Module, norm: nn.Module) -> bool:
@@ -202,7 +209,10 @@ def fuse(model: nn.Module) -> nn.Module:
     FBNConv2d -> nn.Conv2d with bias; Conv(1d/2d/3d)/Linear -> BatchNorm -> the conv/linear with
     folded weight and bias, the BN replaced by nn.Identity. `model` itself is not modified (its
     training flag included). BatchNorms that cannot be folded (no running statistics, or no conv
-    feeding only them) are left in place and reported with a warning.
+    feeding only them) are left in place and reported with a warning. A BN after a binary layer
+    (lightnets.nn.BinaryConv2d / BinaryLinear, or a packed one) is never folded into it: its
+    weights would stop being +1/-1; the warning says so, and `lightnets.pack_binary` folds such
+    a BN into the packed layer as a per-channel scale and shift instead.
     """
     fused = copy.deepcopy(model).eval()
     for name, module in list(fused.named_modules()):
@@ -212,10 +222,7 @@ def fuse(model: nn.Module) -> nn.Module:
             else:
                 fused = module.to_conv().eval()
 
-    def norm_with_stats(m: nn.Module) -> bool:
-        return (is_foldable_norm(m) and m.running_mean is not None) or _is_eval_affine(m)
-
-    for first, second in find_pairs(fused, is_foldable_linear, norm_with_stats):
+    for first, second in find_pairs(fused, is_foldable_linear, is_eval_affine_norm):
         linear, bn = fused.get_submodule(first), fused.get_submodule(second)
         if not _matches(linear, bn):
             continue
@@ -225,9 +232,43 @@ def fuse(model: nn.Module) -> nn.Module:
 
     left = [name or type(m).__name__ for name, m in fused.named_modules() if is_foldable_norm(m)]
     if left:
-        warnings.warn(
-            f"fuse: left {len(left)} BatchNorm layer(s) unfolded: {', '.join(left)} "
-            "(no running statistics, or not fed only by a conv/linear)",
-            stacklevel=2,
-        )
+        after_binary = _norms_after_binary(fused)
+        binary = [name for name in left if name in after_binary]
+        other = [name for name in left if name not in after_binary]
+        if binary:
+            warnings.warn(
+                f"fuse: kept {len(binary)} BatchNorm layer(s) that follow a binary layer: "
+                f"{', '.join(binary)} (folding a BN into +1/-1 weights would make them real; "
+                "lightnets.pack_binary folds it into the packed layer as a per-channel scale "
+                "and shift instead, except through a max-pool where a scale is <= 0)",
+                stacklevel=2,
+            )
+        if other:
+            warnings.warn(
+                f"fuse: left {len(other)} BatchNorm layer(s) unfolded: {', '.join(other)} "
+                "(no running statistics, or not fed only by a conv/linear)",
+                stacklevel=2,
+            )
     return fused
+
+
+def _norms_after_binary(model: nn.Module) -> set[str]:
+    """Names of the BatchNorms fed by a binary or packed layer, directly or through a max-pool."""
+    from lightnets.deploy.pack import is_packed_layer
+    from lightnets.nn.binary import is_binary_layer
+
+    def is_binary(m: nn.Module) -> bool:
+        return is_binary_layer(m) or is_packed_layer(m)
+
+    def is_pool(m: nn.Module) -> bool:
+        return isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d))
+
+    if not any(is_binary(m) for m in model.modules()):
+        return set()
+    names = {second for _, second in find_pairs(model, is_binary, is_foldable_norm)}
+    pools = {pool for _, pool in find_pairs(model, is_binary, is_pool)}
+    if pools:
+        names.update(
+            second for pool, second in find_pairs(model, is_pool, is_foldable_norm) if pool in pools
+        )
+    return names

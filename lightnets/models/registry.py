@@ -1,13 +1,16 @@
 """Model registry: every model is built by name, so recipes and the CLI can refer to it.
 
 Factories declare their keyword arguments; `create_model` checks the caller's keywords
-against that signature so a misspelled option is refused instead of silently ignored.
+against that signature so a misspelled option is refused instead of silently ignored, and
+records the name and keywords on the model it returns (`model_spec(model)`; a plain attribute,
+so copies keep it), so that a file can name the model instead of pickling it.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -47,7 +50,24 @@ def create_model(name: str, **kwargs) -> torch.nn.Module:
                     f"model {name!r} has no option {key!r}{did_you_mean(key, valid)}: "
                     f"valid options are {', '.join(valid)}"
                 )
-    return factory(**kwargs)
+    model = factory(**kwargs)
+    if isinstance(model, torch.nn.Module):
+        # what built it, for files that rebuild the model by name (lightnets.save_packed)
+        model.__dict__[_SPEC_ATTR] = (name, dict(kwargs))
+    return model
+
+
+_SPEC_ATTR = "_lightnets_model_spec"
+
+
+def model_spec(model: torch.nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """(name, kwargs) that `create_model` built `model` (or the model it was copied from)
+    with, or None for a model built otherwise."""
+    spec = model.__dict__.get(_SPEC_ATTR)
+    if spec is None:
+        return None
+    name, kwargs = spec
+    return name, dict(kwargs)
 
 
 def _factory(name: str) -> Callable[..., torch.nn.Module]:
