@@ -1,6 +1,6 @@
 """Training engine: config, trainer, checkpoints, metrics and logging."""
 
-from lightnets.engine.callbacks import Callback, EarlyStopping
+from lightnets.engine.callbacks import Callback, EarlyStopping, NoFlipStopping
 from lightnets.engine.config import Config, list_recipes, load_config
 from lightnets.engine.trainer import NonFiniteError, Trainer, evaluate
 
@@ -8,6 +8,7 @@ __all__ = [
     "Callback",
     "Config",
     "EarlyStopping",
+    "NoFlipStopping",
     "NonFiniteError",
     "Trainer",
     "evaluate",

@@ -67,3 +67,42 @@ class EarlyStopping(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.bad_epochs = state["best"], state["bad_epochs"]
+
+
+class NoFlipStopping(Callback):
+    """Stop after `patience` consecutive epochs in which Bop flipped no weight.
+
+    The [Re] CIFAR recipe (paper 004, Sec. 3.3) halts when no weight flipped in 10 consecutive
+    epochs: with gamma decayed that far, the binary network no longer changes. Reads the
+    epoch row's `flips` column, which the Trainer writes when the optimizer has a Bop part;
+    set from a recipe with `train.stop_after_flipless_epochs = N`.
+    """
+
+    def __init__(self, patience: int) -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise UserError(
+                f"NoFlipStopping patience={patience!r} is invalid: expected an int >= 1"
+            )
+        self.patience = patience
+        self.flipless = 0
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if getattr(trainer, "bop", None) is None:
+            raise UserError(
+                "stopping after epochs without flips needs Bop: expected optim.binary = 'bop' "
+                "and a model with binary layers in bop mode"
+            )
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        if "flips" not in row:
+            return
+        self.flipless = self.flipless + 1 if int(row["flips"]) == 0 else 0
+        if self.flipless >= self.patience:
+            trainer.should_stop = True
+            trainer.stop_reason = f"no weight flipped in {self.patience} consecutive epochs"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"flipless": self.flipless}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.flipless = int(state["flipless"])

@@ -1,6 +1,7 @@
 """Typed training configuration, loaded from TOML recipes and `--set a.b=value` overrides.
 
-A recipe is a TOML file with up to six tables (model, data, optim, schedule, train, output).
+A recipe is a TOML file with up to seven tables (model, data, optim, schedule,
+binary_schedule, train, output).
 Every key is checked against the dataclasses below, so a typo or a wrong type is refused
 with the list of valid keys or the expected type instead of being silently ignored.
 """
@@ -65,6 +66,12 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     lr_reference_batch: int | None = None  # lr is scaled by batch_size / this
+    # Binary networks: "bop" trains the +1/-1 weights of binary layers in bop mode with Bop
+    # (paper 004) and everything else with `name` above; None: no binary optimizer.
+    binary: str | None = None
+    bop_gamma: float = 1e-4  # Bop's adaptivity rate (eq. 5); scheduled by [binary_schedule]
+    bop_threshold: float = 1e-8  # Bop's tau (eq. 6)
+    bop_inclusive: bool = False  # True: flip when |m| >= tau ([Re] eq. 6); False: > (original)
 
 
 @dataclass
@@ -80,6 +87,16 @@ class ScheduleConfig:
     gamma: float = 0.1
     power: float = 0.9
     min_factor: float = 0.0
+
+
+@dataclass
+class BinaryScheduleConfig(ScheduleConfig):
+    """The schedule of Bop's hyperparameters (`keys`: "gamma" and/or "threshold"), separate
+    from the learning rate's: the [Re] CIFAR recipe keeps Adam's lr constant and decays
+    gamma x0.1 every 100 epochs (name = "step", step_size = 100, gamma = 0.1). Here `gamma`
+    is the schedule's decay factor, as in [schedule]; Bop's own gamma is optim.bop_gamma."""
+
+    keys: list[str] = field(default_factory=lambda: ["gamma"])
 
 
 @dataclass
@@ -101,6 +118,7 @@ class TrainConfig:
     best_metric: str | None = None  # default: acc1 (classification) or miou (segmentation)
     sync_bn: bool = False
     progress: bool = True
+    stop_after_flipless_epochs: int | None = None  # Bop: stop after N epochs without a flip
 
 
 @dataclass
@@ -120,6 +138,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    binary_schedule: BinaryScheduleConfig = field(default_factory=BinaryScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -158,6 +177,7 @@ class Config:
             "'epoch' or 'step'",
         )
         _check(self.schedule.warmup >= 0, "schedule.warmup", self.schedule.warmup, ">= 0")
+        self._validate_binary()
         _check(self.train.epochs >= 1, "train.epochs", self.train.epochs, ">= 1")
         if self.train.max_steps is not None:
             _check(self.train.max_steps >= 1, "train.max_steps", self.train.max_steps, ">= 1")
@@ -184,6 +204,41 @@ class Config:
         if self.train.grad_clip is not None:
             _check(self.train.grad_clip > 0, "train.grad_clip", self.train.grad_clip, "> 0")
         return self
+
+    def _validate_binary(self) -> None:
+        from lightnets.optim.composite import BINARY_OPTIMIZERS
+
+        o, b, t = self.optim, self.binary_schedule, self.train
+        if o.binary is not None:
+            _check(
+                o.binary in BINARY_OPTIMIZERS,
+                "optim.binary",
+                o.binary,
+                " or ".join(repr(n) for n in BINARY_OPTIMIZERS) + " (or no value: no Bop)",
+            )
+        _check(0.0 < o.bop_gamma <= 1.0, "optim.bop_gamma", o.bop_gamma, "in (0, 1], e.g. 1e-4")
+        _check(o.bop_threshold >= 0, "optim.bop_threshold", o.bop_threshold, ">= 0, e.g. 1e-8")
+        _check(b.unit in ("epoch", "step"), "binary_schedule.unit", b.unit, "'epoch' or 'step'")
+        _check(b.warmup >= 0, "binary_schedule.warmup", b.warmup, ">= 0")
+        _check(
+            bool(b.keys) and all(k in ("gamma", "threshold") for k in b.keys),
+            "binary_schedule.keys",
+            b.keys,
+            'Bop hyperparameters out of "gamma", "threshold"',
+        )
+        if t.stop_after_flipless_epochs is not None:
+            _check(
+                t.stop_after_flipless_epochs >= 1,
+                "train.stop_after_flipless_epochs",
+                t.stop_after_flipless_epochs,
+                ">= 1",
+            )
+            _check(
+                o.binary is not None,
+                "train.stop_after_flipless_epochs",
+                t.stop_after_flipless_epochs,
+                "no value without a binary optimizer (flips are Bop's: set optim.binary = 'bop')",
+            )
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:

@@ -3,6 +3,15 @@
 Everything the loop draws randomness from is either restored from the checkpoint (torch,
 numpy and Python RNGs) or a pure function of (seed, epoch) (the data order), so a run killed
 at any step and resumed ends with exactly the weights of an uninterrupted run.
+
+Binary networks (paper 004): with `optim.binary = "bop"` the optimizer is a
+`CompositeOptimizer` (Bop for the +1/-1 weights of bop-mode binary layers, `optim.name` for the
+rest) and `[binary_schedule]` schedules Bop's gamma (or threshold) apart from the lr. Each
+epoch row then has `flips` (weights flipped in the epoch), `log_flip_ratio` (eq. 7's
+pi_t = ln(flips_t / n + 1e-9), averaged over the epoch's steps), `log_flip_ratio_steps` (pi_t
+of every step, for per-step plots) and `bop_gamma` (the gamma of the epoch's last step).
+`train.stop_after_flipless_epochs = N` ends the run after N epochs without a flip. After every
+optimizer step, latent weights of binary layers with clip_weights=True are clamped to [-1, 1].
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightnets.engine import distributed as dist_utils
-from lightnets.engine.callbacks import Callback
+from lightnets.engine.callbacks import Callback, NoFlipStopping
 from lightnets.engine.checkpoint import (
     FORMAT,
     VERSION,
@@ -36,6 +45,7 @@ from lightnets.engine.checkpoint import (
 from lightnets.engine.config import Config, save_config
 from lightnets.engine.sampler import ResumableSampler
 from lightnets.errors import UserError
+from lightnets.nn.binary import clip_latent_weights_, is_binary_layer
 
 
 class NonFiniteError(UserError):
@@ -148,7 +158,14 @@ class Trainer:
                 )
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = self._build_optimizer()
+        self.bop = self._find_bop()
         self.scheduler = self._build_schedule()
+        self.binary_scheduler = self._build_binary_schedule()
+        self._has_binary_layers = any(is_binary_layer(m) for m in self.model.modules())
+        self.flip_counts: list[Any] = []  # flips of each step of this epoch (tensors or ints)
+        self._bop_gamma: float | None = None  # Bop's gamma in the last step
+        if config.train.stop_after_flipless_epochs:
+            self.callbacks.append(NoFlipStopping(config.train.stop_after_flipless_epochs))
         self.ddp_model: nn.Module = self.model
         if self.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -246,18 +263,16 @@ class Trainer:
             generator=torch.Generator(),  # evaluating must not move the global RNG
         )
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        from lightnets.optim import build_optimizer
+    def _build_optimizer(self) -> Any:
+        from lightnets.optim import build_binary_optimizer, build_optimizer
+        from lightnets.optim.bop import named_binary_parameters
 
         cfg = self.config.optim
         lr = cfg.lr
         if cfg.lr_reference_batch:
             lr = lr * self.config.data.batch_size / cfg.lr_reference_batch
         self.base_lr = lr
-        return build_optimizer(
-            self.model,
-            cfg.name,
-            lr,
+        options = dict(
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay,
@@ -266,18 +281,62 @@ class Trainer:
             betas=tuple(cfg.betas),
             eps=cfg.eps,
         )
+        binary = named_binary_parameters(self.model)
+        model_name = self.config.model.name
+        if cfg.binary is None:
+            if binary:
+                raise UserError(
+                    f"model {model_name!r} has {len(binary)} binary layer weight(s) in "
+                    f"mode='bop' (+1/-1), which optim.name={cfg.name!r} would make real: "
+                    "expected optim.binary = 'bop' (Bop flips them, optim.name trains the rest), "
+                    "or the model in latent mode (e.g. model.args.mode = 'latent')"
+                )
+            return build_optimizer(self.model, cfg.name, lr, **options)
+        if not binary:
+            raise UserError(
+                f"optim.binary={cfg.binary!r}, but model {model_name!r} has no binary layer "
+                "weights in mode='bop' for it: expected a model with BinaryConv2d / BinaryLinear "
+                "in bop mode (e.g. model.args.mode = 'bop'), or no optim.binary"
+            )
+        return build_binary_optimizer(
+            self.model,
+            cfg.name,
+            lr,
+            binary=cfg.binary,
+            gamma=cfg.bop_gamma,
+            threshold=cfg.bop_threshold,
+            inclusive=cfg.bop_inclusive,
+            **options,
+        )
 
-    def _build_schedule(self):
+    def _find_bop(self):
+        """The Bop part of the optimizer (None without one): flips are read from it."""
+        from lightnets.optim import Bop, CompositeOptimizer
+
+        if isinstance(self.optimizer, Bop):
+            return self.optimizer
+        if isinstance(self.optimizer, CompositeOptimizer):
+            return self.optimizer.get("binary")
+        return None
+
+    def _real_optimizer(self):
+        """The optimizer of the real-valued parameters (None when there are none)."""
+        from lightnets.optim import CompositeOptimizer
+
+        if isinstance(self.optimizer, CompositeOptimizer):
+            return self.optimizer.get("real")
+        return self.optimizer
+
+    def _schedule_for(self, optimizer, cfg, section: str, keys: tuple[str, ...]):
         from lightnets.optim.schedules import build_schedule
 
-        cfg = self.config.schedule
         total = self.epochs if cfg.unit == "epoch" else self.total_steps
         if cfg.warmup >= total:
             raise UserError(
-                f"schedule.warmup={cfg.warmup} must be shorter than the run ({total} {cfg.unit}s)"
+                f"{section}.warmup={cfg.warmup} must be shorter than the run ({total} {cfg.unit}s)"
             )
         return build_schedule(
-            self.optimizer,
+            optimizer,
             cfg.name,
             total,
             warmup_steps=cfg.warmup,
@@ -287,7 +346,22 @@ class Trainer:
             gamma=cfg.gamma,
             power=cfg.power,
             min_factor=cfg.min_factor,
+            keys=keys,
         )
+
+    def _build_schedule(self):
+        """The lr schedule of the real-valued optimizer (None when it has no parameters)."""
+        real = self._real_optimizer()
+        if real is None:
+            return None
+        return self._schedule_for(real, self.config.schedule, "schedule", ("lr",))
+
+    def _build_binary_schedule(self):
+        """The schedule of Bop's gamma / threshold ([binary_schedule]); None without Bop."""
+        if self.bop is None:
+            return None
+        cfg = self.config.binary_schedule
+        return self._schedule_for(self.bop, cfg, "binary_schedule", tuple(cfg.keys))
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
@@ -299,7 +373,12 @@ class Trainer:
             "model_args": self.model_args,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "binary_scheduler": (
+                None if self.binary_scheduler is None else self.binary_scheduler.state_dict()
+            ),
+            "flip_counts": self._flip_list(),
+            "stop_reason": self.stop_reason,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "step": self.step,
@@ -334,7 +413,13 @@ class Trainer:
                 f"checkpoint {ckpt['path']} has optimizer state that does not fit "
                 f"optim.name={self.config.optim.name!r}: {err}"
             ) from None
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        schedulers = {"scheduler": self.scheduler, "binary_scheduler": self.binary_scheduler}
+        for key, sched in schedulers.items():
+            if sched is not None and ckpt.get(key) is not None:
+                sched.load_state_dict(ckpt[key])
+        self.flip_counts = list(ckpt.get("flip_counts") or [])
+        self.stop_reason = ckpt.get("stop_reason") or ""
+        self.should_stop = bool(self.stop_reason)  # a stopped run stays finished
         self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
         self.step, self.best = ckpt["step"], ckpt["best"]
         self.train_sums = dict(ckpt["train_sums"])
@@ -370,6 +455,9 @@ class Trainer:
         try:
             while self.epoch < self.epochs and not self.should_stop and not self._done_steps():
                 self._train_epoch()
+            shown = self.is_main and self.config.train.progress
+            if self.should_stop and self.stop_reason and shown:
+                print(f"stopped after epoch {self.epoch}: {self.stop_reason}", flush=True)
         finally:
             if self.is_main and self.config.output.plot and self.logger is not None:
                 from lightnets.engine.logging import plot_curves
@@ -445,8 +533,15 @@ class Trainer:
                 "expected finite values (try a lower optim.lr or train.grad_clip)"
             )
         self.optimizer.step()
-        if self.config.schedule.unit == "step":
+        if self._has_binary_layers:
+            clip_latent_weights_(self.model)
+        if self.bop is not None:
+            self.flip_counts.append(self.bop.last_flips_tensor)
+            self._bop_gamma = float(self.bop.param_groups[0]["gamma"])  # before it is scheduled
+        if self.config.schedule.unit == "step" and self.scheduler is not None:
             self.scheduler.step()
+        if self.config.binary_schedule.unit == "step" and self.binary_scheduler is not None:
+            self.binary_scheduler.step()
         self.step += 1
         self.batch_in_epoch += 1
         n = y.shape[0]
@@ -456,21 +551,50 @@ class Trainer:
             self.train_sums["correct"] += float((output.argmax(1) == y).sum())
         return {"loss": loss_value, "grad_norm": float(grad_norm), "output": output.detach()}
 
+    def _flip_list(self) -> list[int]:
+        """This epoch's per-step flip counts as ints (one device sync for all of them)."""
+        tensors = [c for c in self.flip_counts if isinstance(c, torch.Tensor)]
+        if tensors:
+            values = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist())
+            self.flip_counts = [
+                next(values) if isinstance(c, torch.Tensor) else int(c) for c in self.flip_counts
+            ]
+        return [int(c) for c in self.flip_counts]
+
+    def _flip_columns(self) -> dict[str, Any]:
+        """flips, log_flip_ratio (eq. 7 averaged over the epoch's steps), per-step pi, gamma."""
+        from lightnets.optim.bop import log_flip_ratio
+
+        flips = self._flip_list()
+        self.flip_counts = []
+        n = self.bop.num_binary
+        pis = [log_flip_ratio(f, n) for f in flips]
+        columns: dict[str, Any] = {"flips": sum(flips)}
+        if pis:
+            columns["log_flip_ratio"] = sum(pis) / len(pis)
+        columns["log_flip_ratio_steps"] = [round(p, 4) for p in pis]
+        gamma = self._bop_gamma
+        columns["bop_gamma"] = float(self.bop.param_groups[0]["gamma"]) if gamma is None else gamma
+        return columns
+
     def _end_epoch(self, images_per_s: float) -> None:
         self.epoch += 1
         self.batch_in_epoch = 0
-        if self.config.schedule.unit == "epoch":
+        flip_columns = self._flip_columns() if self.bop is not None else {}
+        if self.config.schedule.unit == "epoch" and self.scheduler is not None:
             self.scheduler.step()
+        if self.config.binary_schedule.unit == "epoch" and self.binary_scheduler is not None:
+            self.binary_scheduler.step()
         sums = self._reduce_train_sums()
-        row: dict[str, Any] = {
-            "epoch": self.epoch,
-            "step": self.step,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "train_loss": sums["loss"] / max(sums["n"], 1),
-            "images_per_s": images_per_s,
-        }
+        real = self._real_optimizer()
+        row: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
+        if real is not None:  # a model of binary weights only has no lr
+            row["lr"] = real.param_groups[0]["lr"]
+        row["train_loss"] = sums["loss"] / max(sums["n"], 1)
+        row["images_per_s"] = images_per_s
         if self.config.train.task == "classification":
             row["train_acc1"] = sums["correct"] / max(sums["n"], 1) * 100
+        row.update(flip_columns)
         last = self.epoch >= self.epochs or self._done_steps()
         if "val" in self.loaders and (self.epoch % self.config.train.eval_every == 0 or last):
             row.update({f"val_{k}": v for k, v in self.evaluate(self.loaders["val"]).items()})

@@ -354,7 +354,18 @@ def _unbuildable(config, cache: dict[str, Any]) -> str | None:
 
 
 def _comparable(config_dict: Any) -> Any:
-    """A run's config as compared on re-runs: display-only keys (train.progress) left out."""
+    """A run's config as compared on re-runs: display-only keys (train.progress) left out.
+
+    The stored config is read through the current Config first, so keys added to Config since
+    the run was started (with their defaults) do not make an old run look different.
+    """
+    from lightnets.engine.config import load_config
+
+    if isinstance(config_dict, dict):
+        try:
+            config_dict = load_config(config_dict).to_dict()
+        except UserError:
+            pass  # not a config of this version: compared as it is (and found different)
     value = _normalized(config_dict)
     if isinstance(value, dict) and isinstance(value.get("train"), dict):
         value["train"].pop("progress", None)
@@ -362,6 +373,8 @@ def _comparable(config_dict: Any) -> Any:
 
 
 def _is_finished(ckpt: dict[str, Any], config) -> bool:
+    if ckpt.get("stop_reason"):  # stopped early by a callback (no flips, no improvement)
+        return True
     max_steps = config.train.max_steps
     if max_steps:
         return int(ckpt.get("step", 0)) >= max_steps

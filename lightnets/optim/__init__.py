@@ -1,4 +1,5 @@
-"""Optimizers by name (with norm/bias weight-decay groups), Bop, and multiplicative schedules."""
+"""Optimizers by name (with norm/bias weight-decay groups), Bop, Bop + a real-valued optimizer
+as one (CompositeOptimizer), and multiplicative schedules."""
 
 from lightnets.optim.bop import (
     Bop,
@@ -6,6 +7,11 @@ from lightnets.optim.bop import (
     log_flip_ratio,
     named_binary_parameters,
     real_parameters,
+)
+from lightnets.optim.composite import (
+    BINARY_OPTIMIZERS,
+    CompositeOptimizer,
+    build_binary_optimizer,
 )
 from lightnets.optim.factory import (
     build_optimizer,
@@ -17,9 +23,12 @@ from lightnets.optim.factory import (
 from lightnets.optim.schedules import Scheduler, build_schedule, list_schedules
 
 __all__ = [
+    "BINARY_OPTIMIZERS",
     "Bop",
+    "CompositeOptimizer",
     "Scheduler",
     "binary_parameters",
+    "build_binary_optimizer",
     "build_optimizer",
     "build_schedule",
     "is_norm_layer",

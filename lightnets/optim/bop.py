@@ -23,9 +23,9 @@ offending parameter); those without a gradient are skipped. m has the parameter'
 keeps optimizer state in it on load), so train +1/-1 weights in float32 even under bfloat16
 autocast.
 
-Flips are counted every step without a device sync: `last_flips`, `last_flips_per_group` and
-`last_log_flip_ratio` (eq. 7, pi_t = ln(flips / n + 1e-9), n = all elements in the optimizer)
-read the counts when asked.
+Flips are counted every step without a device sync: `last_flips_tensor` (still no sync),
+`last_flips`, `last_flips_per_group` and `last_log_flip_ratio` (eq. 7, pi_t = ln(flips / n +
+1e-9), n = all elements in the optimizer) read the counts when asked.
 
 `binary_parameters(model)` are the weights of binary layers in bop mode (found by module type
 and mode, see lightnets.nn.binary), `real_parameters(model)` every other trainable parameter
@@ -211,6 +211,17 @@ class Bop(torch.optim.Optimizer):
         if self._last_counts is None:
             return None
         return [int(c) for c in self._last_counts]
+
+    @property
+    def last_flips_tensor(self) -> Tensor | None:
+        """Weights flipped by the last step, all groups, as a 0-dim int64 tensor on the weights'
+        device, without a device sync (None before the first step)."""
+        counts = self._last_counts
+        if counts is None:
+            return None
+        # a group without gradients counts on the CPU; gather on the accelerator, if any
+        device = next((c.device for c in counts if c.device.type != "cpu"), counts[0].device)
+        return torch.stack([c.to(device) for c in counts]).sum()
 
     @property
     def last_flips(self) -> int | None:

@@ -48,12 +48,15 @@ def param_groups(
     weight_decay: float,
     norm_weight_decay: float | None = None,
     bias_weight_decay: float | None = None,
+    exclude: Iterable[torch.Tensor] = (),
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into weight / norm / bias groups, each with its own decay.
 
     `None` means "same as weight_decay". Groups with equal decay are merged (the name joins
     theirs with '+'), empty groups are dropped, and a shared parameter appears only once.
+    Parameters in `exclude` are left out (e.g. binary weights that Bop trains).
     """
+    excluded = {id(p) for p in exclude}
     decays = {
         "weight": weight_decay,
         "norm": weight_decay if norm_weight_decay is None else norm_weight_decay,
@@ -63,7 +66,7 @@ def param_groups(
     buckets: dict[str, list[nn.Parameter]] = {"weight": [], "norm": [], "bias": []}
     # named_parameters() already skips a parameter seen under an earlier name (shared params).
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad or id(param) in excluded:
             continue
         owner, _, leaf = name.rpartition(".")
         if _inside_any(owner, norm_prefixes) or leaf.endswith(_NORM_PARAM_SUFFIXES):
@@ -130,11 +133,14 @@ def build_optimizer(
     bias_weight_decay: float | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    exclude: Iterable[torch.Tensor] = (),
 ) -> torch.optim.Optimizer:
     """Build a registered optimizer ("sgd", "adam", "adamw", ...) by name, case-insensitive.
 
-    Given a module, its parameters are split by `param_groups`; given tensors or param-group
-    dicts, they are passed on as they are (per-group decays then need a module).
+    Given a module, its parameters (less those in `exclude`) are split by `param_groups`;
+    given tensors or param-group dicts, they are passed on as they are (per-group decays then
+    need a module). A module's +1/-1 weights of binary layers in bop mode must be excluded:
+    a real-valued step would make them real (`build_binary_optimizer` gives them to Bop).
     """
     key = str(name).lower()
     if key not in _REGISTRY:
@@ -155,7 +161,11 @@ def build_optimizer(
 
     model = model_or_params if isinstance(model_or_params, nn.Module) else None
     if model is not None:
-        params: list[Any] = param_groups(model, weight_decay, norm_weight_decay, bias_weight_decay)
+        exclude = list(exclude)
+        _refuse_binary(model, exclude, key)
+        params: list[Any] = param_groups(
+            model, weight_decay, norm_weight_decay, bias_weight_decay, exclude=exclude
+        )
     else:
         params = list(model_or_params)
         for what, value in (
@@ -181,6 +191,22 @@ def build_optimizer(
         betas=(float(betas[0]), float(betas[1])),
         eps=float(eps),
     )
+
+
+def _refuse_binary(model: nn.Module, exclude: list[torch.Tensor], name: str) -> None:
+    """Refuse to give bop-mode binary weights (+1/-1, for Bop) to a real-valued optimizer."""
+    from lightnets.optim.bop import named_binary_parameters
+
+    excluded = {id(p) for p in exclude}
+    left = [n for n, p in named_binary_parameters(model) if id(p) not in excluded]
+    if left:
+        shown = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
+        raise UserError(
+            f"{len(left)} weight(s) of binary layers in mode='bop' ({shown}) would be trained "
+            f"by {name!r}, which would make them real: expected Bop for them (optim.binary = "
+            "'bop' in a recipe, or lightnets.optim.build_binary_optimizer), or the layers in "
+            "mode='latent'"
+        )
 
 
 def _check_number(what: str, value: float, *, positive: bool) -> None:

@@ -74,6 +74,9 @@ def schedule_factor(
 class Scheduler:
     """Sets `group[key] = group[f"initial_{key}"] * factor(t)` for every group and key.
 
+    Groups without a key are left alone (a CompositeOptimizer's Adam groups have no Bop
+    `gamma`, its Bop groups no `lr`); a key that no group has is refused.
+
     At construction each group's current value is stored as `initial_<key>` (unless already
     there, like torch's `initial_lr`) and the factor for t = 0 is applied. Call `step()` after
     each optimizer step (or epoch). `state_dict()` holds t; the base values live in the
@@ -95,14 +98,25 @@ class Scheduler:
         self.factor_fn = factor_fn
         self.keys = tuple(keys)
         self.name = name
-        for i, group in enumerate(optimizer.param_groups):
-            for key in self.keys:
-                value = group.get(key)
+        groups = optimizer.param_groups
+        for key in self.keys:
+            # A group without the key belongs to another kind of optimizer (Adam's groups in a
+            # CompositeOptimizer have no Bop gamma): skipped. Some group must have it.
+            if not any(key in g for g in groups):
+                first = groups[0] if groups else {}
+                raise UserError(
+                    f"param group 0 has no numeric {key!r} to schedule "
+                    f"(it has {sorted(k for k in first if k != 'params')}), nor has any other "
+                    "group: expected a hyperparameter the optimizer keeps per group"
+                )
+            for i, group in enumerate(groups):
+                if key not in group:
+                    continue
+                value = group[key]
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise UserError(
-                        f"param group {i} has no numeric {key!r} to schedule "
-                        f"(it has {sorted(k for k in group if k != 'params')}): "
-                        "expected a hyperparameter the optimizer keeps per group"
+                        f"param group {i} has a non-numeric {key!r}={value!r}: expected a "
+                        "number to schedule"
                     )
                 group.setdefault(f"initial_{key}", value)
         self.t = 0
@@ -127,13 +141,14 @@ class Scheduler:
         self.last_factor = self.factor()
         for group in self.optimizer.param_groups:
             for key in self.keys:
-                group[key] = group[f"initial_{key}"] * self.last_factor
+                if key in group:
+                    group[key] = group[f"initial_{key}"] * self.last_factor
 
     def get_last_value(self, key: str = "lr") -> list[float]:
-        """The current value of `key` in each param group (like torch's get_last_lr)."""
+        """The current value of `key` in each param group that has it (like get_last_lr)."""
         if key not in self.keys:
             raise UserError(f"{key!r} is not scheduled: expected one of {list(self.keys)}")
-        return [float(group[key]) for group in self.optimizer.param_groups]
+        return [float(group[key]) for group in self.optimizer.param_groups if key in group]
 
     def get_last_lr(self) -> list[float]:
         """torch-compatible alias of get_last_value('lr')."""

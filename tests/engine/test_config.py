@@ -60,7 +60,7 @@ def test_comma_list_override():
         ("train.epochs=1.5", "expected int"),
         ("optim.lr=-0.1", "expected > 0"),
         ("data.batch_size=0", "data.batch_size=0 is invalid: expected >= 1"),
-        ("trian.epochs=1", "one of model, data, optim, schedule, train, output"),
+        ("trian.epochs=1", "one of model, data, optim, schedule, binary_schedule, train, output"),
         ("train.epochs", "expected section.key=value"),
         ("train.amp=fp16", "'none' or 'bf16'"),
         ("train.epochs.x=1", "is not a table"),

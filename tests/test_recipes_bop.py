@@ -1,0 +1,88 @@
+"""The [Re] Bop recipes: bnn_mnist (Sec. 3.1.1), bnn_mnist_bop, binarynet_cifar (Sec. 3.3) hold
+the paper's settings; binarynet_cifar trains on generated CIFAR-10 binary files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightnets.engine.callbacks import NoFlipStopping
+from lightnets.engine.config import load_config
+from lightnets.engine.trainer import Trainer
+from lightnets.optim import Bop, CompositeOptimizer, binary_parameters
+from tests.data.conftest import write_cifar10
+
+torch.set_num_threads(1)
+
+
+def test_bnn_mnist_is_section_3_1_1():
+    c = load_config("bnn_mnist")
+    assert c.model.name == "bnn_mnist"
+    args = c.model.args
+    assert (args["mode"], args["clip_weights"], args["latent_init"]) == (
+        "latent",
+        True,
+        "glorot_uniform",
+    )
+    assert (c.data.name, c.data.val_split, c.data.val_fraction) == ("mnist5k", "test", 0.0)
+    assert c.data.augment == c.data.eval_augment == ["scale_pm1"]  # pixels in [-1, 1]
+    assert (c.optim.name, c.optim.lr, c.optim.betas) == ("adam", 1e-3, [0.9, 0.999])
+    assert c.optim.binary is None and c.schedule.name == "constant"
+    assert (c.data.batch_size, c.train.epochs) == (64, 6)  # Larq's MNIST tutorial
+
+
+def test_bnn_mnist_bop_trains_the_binary_weights_with_bop():
+    c = load_config("bnn_mnist_bop")
+    assert c.model.args["mode"] == "bop" and c.optim.binary == "bop"
+    assert (c.optim.name, c.optim.lr) == ("adam", 1e-3)
+    assert (c.optim.bop_gamma, c.optim.bop_threshold, c.optim.bop_inclusive) == (1e-3, 1e-6, False)
+    assert c.binary_schedule.name == "constant"
+
+
+def test_binarynet_cifar_is_section_3_3():
+    c = load_config("binarynet_cifar", ["data.root=/data/cifar"])
+    assert c.model.name == "binarynet_cifar" and c.model.args == {"mode": "bop"}
+    assert (c.data.name, c.data.val_fraction, c.data.batch_size) == ("cifar10", 0.1, 50)
+    assert c.data.augment == ["pad_crop", "hflip", "scale_pm1"]  # pad 4, crop 32, flip, [-1, 1]
+    assert c.data.eval_augment == ["scale_pm1"]
+    assert (c.optim.name, c.optim.lr, c.optim.betas) == ("adam", 1e-3, [0.9, 0.999])
+    assert c.schedule.name == "constant"  # Adam's lr is not decayed
+    assert (c.optim.binary, c.optim.bop_threshold, c.optim.bop_gamma) == ("bop", 1e-8, 1e-4)
+    b = c.binary_schedule
+    assert (b.name, b.unit, b.step_size, b.gamma, b.keys) == ("step", "epoch", 100, 0.1, ["gamma"])
+    assert (c.train.epochs, c.train.best_metric, c.train.stop_after_flipless_epochs) == (
+        500,
+        "val_loss",
+        10,
+    )
+
+
+def test_binarynet_cifar_trains_on_cifar_files(tmp_path):
+    files = write_cifar10(tmp_path / "cifar", "bin", per_batch=14, n_test=2)  # 70 images
+    overrides = [
+        f"data.root={tmp_path / 'cifar'}",
+        "train.max_steps=1",
+        "train.progress=false",
+        "output.plot=false",
+    ]
+    trainer = Trainer(load_config("binarynet_cifar", overrides), tmp_path / "run")
+    assert isinstance(trainer.optimizer, CompositeOptimizer)
+    convs = 9 * (3 * 128 + 128 * 128 + 128 * 256 + 256 * 256 + 256 * 512 + 512 * 512)
+    fcs = 512 * 4 * 4 * 1024 + 1024 * 1024 + 1024 * 10
+    assert isinstance(trainer.bop, Bop) and trainer.bop.num_binary == convs + fcs
+    assert any(isinstance(cb, NoFlipStopping) and cb.patience == 10 for cb in trainer.callbacks)
+    # 10% held out per class (stratified, rounded)
+    n_val = sum(round(int((files.train_y == c).sum()) * 0.1) for c in range(10))
+    assert (len(trainer.train_set), len(trainer.val_set)) == (70 - n_val, n_val)
+    x, _ = next(iter(trainer.loaders["train"]))
+    out = trainer.train_augment(x)
+    assert out.shape == (50, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
+    row = trainer.fit()
+    assert trainer.step == 1 and row["bop_gamma"] == pytest.approx(1e-4)
+    # after one epoch of a 500-epoch run gamma is not decayed yet (x0.1 only after epoch 100)
+    assert trainer.bop.param_groups[0]["gamma"] == pytest.approx(1e-4)
+    sched = trainer.binary_scheduler
+    assert (sched.name, sched.keys, sched.optimizer) == ("step", ("gamma",), trainer.bop)
+    for p in binary_parameters(trainer.model):
+        assert bool(((p == 1) | (p == -1)).all())
+    assert (tmp_path / "run" / "best.pt").is_file() and "val_loss" in row
