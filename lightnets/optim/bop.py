@@ -35,7 +35,7 @@ and mode, see lightnets.nn.binary), `real_parameters(model)` every other trainab
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -93,6 +93,30 @@ def _check_hyper(what: str, value: Any, where: str) -> float:
     if what == "threshold" and not (value >= 0.0 and math.isfinite(value)):
         raise UserError(f"Bop threshold={value}{where}: expected a finite threshold >= 0")
     return value
+
+
+#: Elements per chunk and chunks per window of the step: a window's weights, gradients and
+#: averages (3 x 4 x 2^16 x 4 bytes = 3 MiB) stay in cache between the moving-average update
+#: and the flip test; whole tensors (binarynet's 8.4M-weight layer is 33 MB each) do not.
+_CHUNK = 1 << 16
+_WINDOW = 4
+
+
+def _windows(
+    params: list[Tensor], grads: list[Tensor], averages: list[Tensor]
+) -> Iterator[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
+    """(params, grads, averages) in cache-sized windows of flat chunks (views, same storage)."""
+    chunks: list[tuple[Tensor, Tensor, Tensor]] = []
+    for p, g, m in zip(params, grads, averages):
+        if p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and p.numel() > _CHUNK:
+            chunks += zip(
+                p.view(-1).split(_CHUNK), g.view(-1).split(_CHUNK), m.view(-1).split(_CHUNK)
+            )
+        else:
+            chunks.append((p, g, m))
+    for i in range(0, len(chunks), _WINDOW):
+        ps, gs, ms = zip(*chunks[i : i + _WINDOW])
+        yield list(ps), list(gs), list(ms)
 
 
 class Bop(torch.optim.Optimizer):
@@ -183,16 +207,17 @@ class Bop(torch.optim.Optimizer):
             count = torch.zeros((), dtype=torch.int64)
             if params:
                 gamma, tau = float(group["gamma"]), float(group["threshold"])
-                torch._foreach_mul_(averages, 1.0 - gamma)
-                torch._foreach_add_(averages, grads, alpha=gamma)
+                # tau = 0 inclusive: a zero average is no signal, so > as well
                 inclusive = bool(group["inclusive"]) and tau > 0
                 sums = []
-                for p, m in zip(params, averages):  # tensor by tensor: stays in cache
-                    product = torch.mul(m, p)  # w * m, exact for w = +-1
-                    # tau = 0 inclusive: a zero average is no signal, so > as well
-                    flip = product >= tau if inclusive else product > tau
-                    p.addcmul_(p, flip, value=-2)  # w <- w - 2 w = -w where flip
-                    sums.append(flip.sum())
+                for ps, gs, ms in _windows(params, grads, averages):
+                    torch._foreach_mul_(ms, 1.0 - gamma)
+                    torch._foreach_add_(ms, gs, alpha=gamma)
+                    for p, m in zip(ps, ms):
+                        product = torch.mul(m, p)  # w * m, exact for w = +-1
+                        flip = product >= tau if inclusive else product > tau
+                        p.addcmul_(p, flip, value=-2)  # w <- w - 2 w = -w where flip
+                        sums.append(flip.sum())
                 count = torch.stack([s.to(sums[0].device) for s in sums]).sum()
             counts.append(count)
         self._last_counts = counts
