@@ -156,6 +156,7 @@ def demo_command(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- deploy & analysis
 def _register_feature_commands() -> None:
     """Commands whose code lives in lightnets.commands (one module per command)."""
+    from lightnets.commands.data import add_data_arguments, data_command
     from lightnets.commands.export import add_export_arguments, export_command
     from lightnets.commands.profile import add_profile_arguments, profile_command
     from lightnets.commands.repro import add_repro_arguments, repro_command
@@ -166,6 +167,9 @@ def _register_feature_commands() -> None:
         add_export_arguments,
     )(export_command)
     command("repro", "reproduce a paper's experiment", add_repro_arguments)(repro_command)
+    command(
+        "data", "prepare datasets on disk (tile: cut aerial images into tiles)", add_data_arguments
+    )(data_command)
     command(
         "profile",
         "parameters and MACs of a model, training-time and fused, per layer",

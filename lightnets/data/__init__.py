@@ -1,15 +1,22 @@
 """Datasets and batch augmentation.
 
 `load_dataset(name, root, split)` builds a registered dataset (mnist5k, mnist, cifar10,
-cifar100, folder, and whatever later modules register with `@register_dataset`). Every
-dataset reports num_classes, in_chans, classes, mean, std, image_size and targets.
+cifar100, folder, buildings, synthetic_buildings, and whatever later modules register with
+`@register_dataset`). Every dataset reports num_classes, in_chans, classes, mean, std,
+image_size and targets (None for segmentation datasets, whose items are (image, mask)).
 `build_batch_augment` turns op names into a module that augments and normalizes whole
 batches on the training device.
 """
 
 from __future__ import annotations
 
-from lightnets.data import cifar, folder, mnist  # noqa: F401  (register the datasets)
+from lightnets.data import (  # noqa: F401  (register the datasets)
+    buildings,
+    cifar,
+    folder,
+    mnist,
+    synthetic_buildings,
+)
 from lightnets.data.augment import (
     AUGMENT_OPS,
     AUGMENT_OPTIONS,
@@ -24,10 +31,12 @@ from lightnets.data.base import (
     split_train_val,
     subset,
 )
+from lightnets.data.buildings import BuildingsDataset, tile_buildings
 from lightnets.data.cifar import CifarUnpickler, read_cifar_binary, read_cifar_pickle
 from lightnets.data.folder import IMG_EXTENSIONS, ImageFolderDataset
 from lightnets.data.mnist import read_idx
 from lightnets.data.registry import list_datasets, load_dataset, register_dataset
+from lightnets.data.synthetic_buildings import SyntheticBuildings, render_scene
 from lightnets.data.transforms import RandomResizedCrop, ResizeCenterCrop, pil_to_tensor
 
 __all__ = [
@@ -36,12 +45,14 @@ __all__ = [
     "DATASET_ATTRIBUTES",
     "IMG_EXTENSIONS",
     "BatchAugment",
+    "BuildingsDataset",
     "CifarUnpickler",
     "DatasetSubset",
     "ImageFolderDataset",
     "ImageTensorDataset",
     "RandomResizedCrop",
     "ResizeCenterCrop",
+    "SyntheticBuildings",
     "build_batch_augment",
     "list_datasets",
     "load_dataset",
@@ -51,6 +62,8 @@ __all__ = [
     "read_cifar_pickle",
     "read_idx",
     "register_dataset",
+    "render_scene",
     "split_train_val",
     "subset",
+    "tile_buildings",
 ]

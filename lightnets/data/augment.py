@@ -4,6 +4,8 @@ Datasets hand out uint8 batches; this module converts them to float in [0, 1], a
 random geometric ops the recipe names, and normalizes, all on whole batches on the device.
 A segmentation mask passed alongside gets exactly the same geometric ops (nearest
 resampling; pixels padded in get `mask_fill`, default -100 = cross_entropy's ignore_index).
+`random_scale` + `random_crop` is the segmentation recipe of paper 003 (scale each image by a
+factor in [0.5, 2], crop 125x125 from it, padding where it is smaller).
 
 Randomness comes from torch's global generator of the device the module lives on (kornia
 samples its parameters there: the CPU generator on CPU, the CUDA generator after
@@ -16,22 +18,36 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightnets.errors import UserError, did_you_mean
 
 #: Op names build_batch_augment understands, in no particular order.
-AUGMENT_OPS = ("random_resized_crop", "pad_crop", "hflip", "normalize", "scale_pm1", "none")
+AUGMENT_OPS = (
+    "random_resized_crop",
+    "pad_crop",
+    "random_scale",
+    "random_crop",
+    "hflip",
+    "normalize",
+    "scale_pm1",
+    "none",
+)
 #: Ops that are random and dropped for evaluation (train=False).
-RANDOM_OPS = frozenset({"random_resized_crop", "pad_crop", "hflip"})
+RANDOM_OPS = frozenset({"random_resized_crop", "pad_crop", "random_scale", "random_crop", "hflip"})
+#: Random ops done by a kornia.augmentation module (the others are done here with kornia's
+#: warp_affine or plain indexing).
+_KORNIA_OPS = frozenset({"random_resized_crop", "pad_crop", "hflip"})
 #: Options (keyword arguments of build_batch_augment) and their defaults.
 AUGMENT_OPTIONS: dict[str, Any] = {
     "padding": 4,  # pad_crop: pixels of zero padding on each side before the random crop
     "scale": (0.08, 1.0),  # random_resized_crop: range of the crop's area fraction
     "ratio": (3 / 4, 4 / 3),  # random_resized_crop: range of the crop's aspect ratio
     "flip_p": 0.5,  # hflip: probability of flipping each image
-    "fill": 0.0,  # pad_crop: image value of padded pixels (on the [0, 1] scale)
-    "mask_fill": -100,  # pad_crop: mask value of padded pixels
+    "scale_range": (0.5, 2.0),  # random_scale: range of the per-image scale factor (uniform)
+    "fill": 0.0,  # pad_crop, random_crop: image value of padded pixels (on the [0, 1] scale)
+    "mask_fill": -100,  # pad_crop, random_crop: mask value of padded pixels
 }
 
 
@@ -92,6 +108,14 @@ class BatchAugment(nn.Module):
         self.opts = {**AUGMENT_OPTIONS, **opts}
         self.image_size = _size(image_size)
         self._check_opts()
+        for i, op in enumerate(self.ops):
+            if op == "random_scale" and self.ops[i + 1 : i + 2] != ["random_crop"]:
+                raise UserError(
+                    f"augmentation 'random_scale' is followed by "
+                    f"{(self.ops[i + 1 : i + 2] or ['nothing'])[0]!r}: expected 'random_crop' "
+                    "right after it (the crop brings the scaled images of a batch back to one "
+                    "size), e.g. random_scale,random_crop,hflip"
+                )
         if "normalize" in self.ops:
             if mean is None or std is None:
                 raise UserError(
@@ -111,7 +135,7 @@ class BatchAugment(nn.Module):
         # image_size is not given (the size of the incoming batch is used then)
         self.geometric = nn.ModuleDict()
         for i, op in enumerate(self.ops):
-            if op in RANDOM_OPS and (op == "hflip" or self.image_size is not None):
+            if op in _KORNIA_OPS and (op == "hflip" or self.image_size is not None):
                 self.geometric[str(i)] = self._kornia_op(op, self.image_size)
 
     def _check_opts(self) -> None:
@@ -124,12 +148,15 @@ class BatchAugment(nn.Module):
             and 0 < o["scale"][0] <= o["scale"][1] <= 1
             and len(o["ratio"]) == 2
             and 0 < o["ratio"][0] <= o["ratio"][1]
+            and len(o["scale_range"]) == 2
+            and 0 < o["scale_range"][0] <= o["scale_range"][1]
         )
         if not ok:
-            shown = {k: o[k] for k in ("padding", "flip_p", "scale", "ratio")}
+            shown = {k: o[k] for k in ("padding", "flip_p", "scale", "ratio", "scale_range")}
             raise UserError(
                 f"augmentation options {shown}: expected padding >= 0, 0 <= flip_p <= 1, scale = "
-                "(min, max) with 0 < min <= max <= 1, ratio = (min, max) with 0 < min <= max"
+                "(min, max) with 0 < min <= max <= 1, ratio and scale_range = (min, max) with "
+                "0 < min <= max"
             )
 
     def _kornia_op(self, op: str, size: tuple[int, int] | None) -> nn.Module:
@@ -167,8 +194,15 @@ class BatchAugment(nn.Module):
         if mask is not None and any(op in RANDOM_OPS for op in self.ops):
             m = mask.reshape(mask.shape[0], 1, *mask.shape[-2:]).float()
             m = m - float(self.opts["mask_fill"])  # padding fills 0: shift so it lands on mask_fill
+        scales = None
         for i, op in enumerate(self.ops):
-            if op in RANDOM_OPS:
+            if op == "random_scale":
+                lo, hi = (float(v) for v in self.opts["scale_range"])
+                scales = lo + (hi - lo) * torch.rand(x.shape[0], device=x.device)
+            elif op == "random_crop":
+                x, m = self._scale_crop(x, m, scales)
+                scales = None
+            elif op in RANDOM_OPS:
                 aug = self._geometric_op(i, op, x)
                 if m is None:
                     x = aug(x)
@@ -190,9 +224,88 @@ class BatchAugment(nn.Module):
         m = (m + float(self.opts["mask_fill"])).round().long()
         return x, m[:, 0] if mask.ndim == 3 else m
 
+    def _scale_crop(
+        self, x: torch.Tensor, m: torch.Tensor | None, scales: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale image i by scales[i] (None: 1) and crop image_size at a random place from it.
+
+        The scaled image is round(H * s) x round(W * s), resampled as F.interpolate does it
+        (bilinear for the image, nearest-exact for the mask); the crop's offset is uniform
+        over the places where the crop lies inside the scaled image, and where the scaled
+        image is smaller than the crop it lands at a uniform place inside the crop, the rest
+        being padding (image `fill`, mask `mask_fill`). Without scaling the crop copies pixels
+        exactly.
+        """
+        n, _, h, w = x.shape
+        ch, cw = self.image_size or (h, w)
+        device = x.device
+        if scales is None:
+            hs = torch.full((n,), h, device=device, dtype=torch.long)
+            ws = torch.full((n,), w, device=device, dtype=torch.long)
+        else:
+            hs = torch.round(h * scales).long().clamp_(min=1)
+            ws = torch.round(w * scales).long().clamp_(min=1)
+        top = _uniform_offset(hs - ch, device)
+        left = _uniform_offset(ws - cw, device)
+        fill = float(self.opts["fill"])
+        if scales is None:
+            x = _crop_windows(x, top, left, ch, cw, fill)
+            return x, None if m is None else _crop_windows(m, top, left, ch, cw, 0.0)
+        from kornia.geometry.transform import warp_affine
+
+        # source pixel index -> output pixel index: out = s * (src + 0.5) - 0.5 - offset
+        sy, sx = hs.float() / h, ws.float() / w
+        matrix = torch.zeros(n, 2, 3, device=device)
+        matrix[:, 0, 0], matrix[:, 0, 2] = sx, 0.5 * sx - 0.5 - left.float()
+        matrix[:, 1, 1], matrix[:, 1, 2] = sy, 0.5 * sy - 0.5 - top.float()
+        # border mode: the scaled image's edge pixels are interpolated like F.interpolate's
+        # (clamped); what lies outside the scaled image is then set to the fill values
+        rows = torch.arange(ch, device=device)[None, :] + top[:, None]  # (n, ch) in scaled px
+        cols = torch.arange(cw, device=device)[None, :] + left[:, None]
+        inside = ((rows >= 0) & (rows < hs[:, None]))[:, None, :, None] & (
+            (cols >= 0) & (cols < ws[:, None])
+        )[:, None, None, :]
+        x = warp_affine(
+            x, matrix, (ch, cw), mode="bilinear", padding_mode="border", align_corners=True
+        )
+        x = torch.where(inside, x, torch.full_like(x, fill))
+        if m is not None:  # m is shifted so that 0 means mask_fill
+            # sample 1/1000 px further on: ties (x.5) round up, as F.interpolate's nearest-exact
+            nudged = matrix.clone()
+            nudged[:, 0, 2] -= 1e-3 * sx
+            nudged[:, 1, 2] -= 1e-3 * sy
+            m = warp_affine(
+                m, nudged, (ch, cw), mode="nearest", padding_mode="border", align_corners=True
+            )
+            m = torch.where(inside, m, torch.zeros_like(m))
+        return x, m
+
     def extra_repr(self) -> str:
         size = f", image_size={self.image_size}" if self.image_size else ""
         return f"ops={self.ops}{size}"
+
+
+def _uniform_offset(slack: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Integer offsets uniform over [min(0, slack), max(0, slack)], one per sample."""
+    lo, hi = slack.clamp(max=0), slack.clamp(min=0)
+    draw = torch.rand(slack.shape[0], device=device)
+    return torch.minimum(lo + (draw * (hi - lo + 1).float()).long(), hi)
+
+
+def _crop_windows(
+    t: torch.Tensor, top: torch.Tensor, left: torch.Tensor, ch: int, cw: int, fill: float
+) -> torch.Tensor:
+    """Window (top[i], left[i], ch, cw) of each t[i], padded with `fill` outside the image."""
+    n, _, h, w = t.shape
+    ph, pw = max(0, ch - h), max(0, cw - w)
+    if ph or pw:
+        t = F.pad(t, (pw, pw, ph, ph), value=fill)
+        top, left = top + ph, left + pw
+    rows = top[:, None] + torch.arange(ch, device=t.device)  # (n, ch)
+    cols = left[:, None] + torch.arange(cw, device=t.device)  # (n, cw)
+    batch = torch.arange(n, device=t.device)[:, None, None]
+    out = t.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (n, ch, cw, C)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def build_batch_augment(
@@ -208,10 +321,14 @@ def build_batch_augment(
 
     Ops run in the given order after the uint8 -> [0, 1] conversion: `random_resized_crop`
     (to image_size, options scale/ratio), `pad_crop` (pad by `padding`, random crop back to
-    image_size: the CIFAR recipe), `hflip` (probability flip_p), `normalize` ((x - mean) /
-    std), `scale_pm1` (x * 2 - 1, i.e. pixel / 127.5 - 1: the BinaryNet recipe), `none`.
-    image_size defaults to the size of the incoming batch. `train=False` drops the random
-    ops, leaving the evaluation transform (convert + normalize/scale).
+    image_size: the CIFAR recipe), `random_scale` (scale each image by a factor drawn
+    uniformly from scale_range; must be followed by `random_crop`), `random_crop` (a random
+    image_size window, padded with fill / mask_fill where the image is smaller: with
+    random_scale before it, paper 003's segmentation recipe), `hflip` (probability flip_p),
+    `normalize` ((x - mean) / std), `scale_pm1` (x * 2 - 1, i.e. pixel / 127.5 - 1: the
+    BinaryNet recipe), `none`. image_size defaults to the size of the incoming batch.
+    `train=False` drops the random ops, leaving the evaluation transform (convert +
+    normalize/scale).
     """
     ops = parse_augment(names)
     if not train:

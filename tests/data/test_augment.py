@@ -169,3 +169,124 @@ def test_normalize_needs_stats_matching_channels():
     aug = build_batch_augment(["normalize"], mean=(0.1307,), std=(0.3081,))
     with pytest.raises(UserError, match="1 mean/std values but the batch has 3 channels"):
         aug(_batch())
+
+
+# ---------------------------------------------------------------------------- random_scale/crop
+def _windows(t: torch.Tensor, size: int):
+    """Every (dy, dx) window of size x size of the last two dims."""
+    for dy in range(t.shape[-2] - size + 1):
+        for dx in range(t.shape[-1] - size + 1):
+            yield dy, dx, t[..., dy : dy + size, dx : dx + size]
+
+
+@pytest.mark.parametrize("scale, crop", [(2.0, 12), (1.3, 16), (0.7, 10), (0.5, 8), (0.35, 12)])
+def test_random_scale_crop_is_interpolate_then_a_window(scale, crop):
+    """Independent reference: F.interpolate (bilinear image, nearest-exact mask) to
+    round(20 * scale), padded with fill / mask_fill where smaller than the crop; each output
+    is one window of it, the mask's window at the same place as the image's."""
+    n, size = 6, 20
+    x = _batch(n=n, h=size, w=size, seed=3)
+    mask = torch.randint(0, 3, (n, size, size), generator=torch.Generator().manual_seed(4))
+    aug = build_batch_augment(
+        ["random_scale", "random_crop"],
+        image_size=crop,
+        scale_range=(scale, scale),
+        fill=0.25,
+        mask_fill=255,
+    )
+    torch.manual_seed(0)
+    out, m = aug(x, mask)
+    assert out.shape == (n, 3, crop, crop) and m.shape == (n, crop, crop) and m.dtype == torch.long
+    side = round(size * scale)
+    ref = F.interpolate(x.float() / 255, size=(side, side), mode="bilinear", align_corners=False)
+    ref_m = F.interpolate(mask[:, None].float(), size=(side, side), mode="nearest-exact")[:, 0]
+    pad = max(0, crop - side)
+    ref = F.pad(ref, (pad,) * 4, value=0.25)
+    ref_m = F.pad(ref_m, (pad,) * 4, value=255).long()
+    for i in range(n):
+        found = [
+            (dy, dx)
+            for dy, dx, win in _windows(ref[i], crop)
+            if torch.allclose(out[i], win, atol=1e-5, rtol=0)
+        ]
+        assert len(found) == 1, f"sample {i}: not one window of the scaled image"
+        dy, dx = found[0]
+        assert torch.equal(m[i], ref_m[i, dy : dy + crop, dx : dx + crop])
+    if pad:
+        assert (m == 255).any() and ((m == 255) == (out == 0.25).all(1)).all()
+
+
+def test_random_crop_alone_copies_pixels_and_pads_with_ignore_index():
+    x = _batch(n=8, h=12, w=10)
+    mask = torch.randint(0, 2, (8, 12, 10))
+    torch.manual_seed(0)
+    out, m = build_batch_augment(["random_crop"], image_size=(7, 6))(x, mask)
+    offsets = set()
+    for i in range(8):
+        found = [
+            (dy, dx)
+            for dy in range(6)
+            for dx in range(5)
+            if torch.equal(out[i], x[i, :, dy : dy + 7, dx : dx + 6].float() / 255)
+        ]
+        assert found and torch.equal(
+            m[i], mask[i, found[0][0] : found[0][0] + 7, found[0][1] :][:, :6]
+        )
+        offsets.add(found[0])
+    assert len(offsets) > 1
+    # a crop larger than the image: the image lands somewhere inside, the rest is padding
+    out, m = build_batch_augment(["random_crop"], image_size=16)(x, mask)
+    assert out.shape == (8, 3, 16, 16) and m.shape == (8, 16, 16)
+    assert ((m == -100).sum((1, 2)) == 16 * 16 - 12 * 10).all()
+    assert (out.sum(1)[m == -100] == 0).all()
+
+
+def test_paper_recipe_on_tiles_keeps_image_and_mask_aligned():
+    """250x250 tiles -> scale in [0.5, 2] -> 125x125 crop -> flip: the image painted from the
+    mask agrees with the mask wherever the mask is locally constant (bilinear is exact there),
+    no padding is needed (250 * 0.5 >= 125), and about half of the samples are flipped."""
+    n = 64
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 3, (n, 25, 25), generator=g)
+    mask = blocks.repeat_interleave(10, 1).repeat_interleave(10, 2)  # 10x10 px blocks
+    x = torch.empty(n, 3, 250, 250, dtype=torch.uint8)
+    x[:, 0] = mask * 100  # channel 0: painted from the mask
+    x[:, 1] = torch.arange(250).view(1, 1, 250)  # channel 1: column ramp, shows flips
+    x[:, 2] = 0
+    aug = build_batch_augment(["random_scale", "random_crop", "hflip"], image_size=125)
+    torch.manual_seed(1)
+    out, m = aug(x, mask)
+    assert out.shape == (n, 3, 125, 125) and m.shape == (n, 125, 125)
+    assert set(m.unique().tolist()) <= {0, 1, 2}  # nothing padded
+    # 3x3 neighbourhoods inside the crop (the crop's border pixels have no full one)
+    mf = m[:, None].float()
+    constant = F.max_pool2d(mf, 3, 1) == -F.max_pool2d(-mf, 3, 1)  # (n, 1, 123, 123)
+    img = (out[:, :1] * 255 / 100)[:, :, 1:-1, 1:-1]
+    assert constant.float().mean() > 0.5
+    assert torch.allclose(img[constant], mf[:, :, 1:-1, 1:-1][constant], atol=1e-4)
+    flipped = out[:, 1, :, 0].mean(1) > out[:, 1, :, -1].mean(1)
+    assert 16 <= int(flipped.sum()) <= 48  # flip_p = 0.5 of 64 samples
+    # evaluation: no random op is left, whole tiles pass through unchanged
+    ev = build_batch_augment(["random_scale", "random_crop", "hflip"], image_size=125, train=False)
+    full, fm = ev(x[:2], mask[:2])
+    assert full.shape == (2, 3, 250, 250) and torch.equal(fm, mask[:2])
+
+
+def test_random_scale_needs_random_crop_and_valid_range():
+    with pytest.raises(UserError, match="'random_scale' is followed by 'hflip': expected"):
+        build_batch_augment(["random_scale", "hflip", "random_crop"])
+    with pytest.raises(UserError, match="followed by 'nothing'"):
+        build_batch_augment(["random_scale"])
+    with pytest.raises(UserError, match="scale_range"):
+        build_batch_augment(["random_scale", "random_crop"], scale_range=(2.0, 0.5))
+    aug = build_batch_augment(["random_scale", "random_crop", "normalize"], MEAN, STD, train=False)
+    assert aug.ops == ["normalize"]
+
+
+def test_random_scale_crop_reproducible():
+    x = _batch(n=8, h=20, w=20)
+    aug = build_batch_augment(["random_scale", "random_crop", "hflip"], image_size=10)
+    torch.manual_seed(5)
+    a = aug(x)
+    torch.manual_seed(5)
+    assert torch.equal(a, aug(x)) and a.shape == (8, 3, 10, 10)
