@@ -695,7 +695,7 @@ def plot_results(results: ExperimentResults, path: Path) -> None:
     ax.set_xticklabels([vr.variant.label for vr in variants], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(low, top)
     cut = f" (axis starts at {low:g})" if low > 0 else ""
-    ax.set_ylabel(f"{spec.metric}{cut}", fontsize=9)
+    ax.set_ylabel(f"{spec.metric_label}{cut}", fontsize=9)
     ax.set_title(textwrap.fill(spec.title, 70), fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
