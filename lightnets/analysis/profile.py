@@ -283,9 +283,20 @@ def _measure(model: nn.Module, size: tuple[int, ...], device: torch.device) -> _
     counts = counter.get_flop_counts()
     root = type(model).__name__
 
+    def key(name: str) -> str:
+        return f"{root}.{name}" if name else root
+
     def flops(name: str) -> int:
-        key = f"{root}.{name}" if name else root
-        return int(sum(counts.get(key, {}).values()))
+        return int(sum(counts.get(key(name), {}).values()))
+
+    def attributed(name: str, mod: nn.Module) -> int:
+        # FLOPs counted under `name`; for a container that is never called itself (an
+        # nn.ModuleList / ModuleDict, so it has no entry), the sum over its descendants, so
+        # that its parent does not count their work a second time as its own
+        counted = key(name) in counts
+        if counted or not list(mod.children()):
+            return flops(name)
+        return sum(attributed(f"{name}.{c}", child) for c, child in mod.named_children())
 
     rows: list[LayerRow] = []
     total = 0
@@ -296,7 +307,7 @@ def _measure(model: nn.Module, size: tuple[int, ...], device: torch.device) -> _
             params = sum(p.numel() for p in mod.parameters())
             leaf = True
         else:
-            child_flops = sum(flops(f"{name}.{c}" if name else c) for c, _ in children)
+            child_flops = sum(attributed(f"{name}.{c}" if name else c, m) for c, m in children)
             macs = max(flops(name) - child_flops, 0) // 2
             params = sum(p.numel() for p in mod.parameters(recurse=False))
             leaf = not children

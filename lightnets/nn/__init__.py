@@ -13,22 +13,34 @@ from lightnets.nn.binary import (
     stochastic_sign,
 )
 from lightnets.nn.fbn import FBNConv2d
+from lightnets.nn.fusion import (
+    FUSION_KINDS,
+    DynamicWeight,
+    GatedFusion,
+    WeightedConcat,
+    make_fusion,
+)
 from lightnets.nn.norm import NORM_KINDS, BatchRenorm, FrozenBatchNorm, NormSpec, make_norm
 
 __all__ = [
+    "FUSION_KINDS",
     "NORM_KINDS",
     "QUANTIZERS",
     "BatchRenorm",
     "BinaryConv2d",
     "BinaryLinear",
+    "DynamicWeight",
     "FBNConv2d",
     "FrozenBatchNorm",
+    "GatedFusion",
     "NormSpec",
+    "WeightedConcat",
     "approx_sign",
     "clip_latent_weights_",
     "get_quantizer",
     "hard_sigmoid",
     "is_binary_parameter",
+    "make_fusion",
     "make_norm",
     "ste_sign",
     "stochastic_sign",

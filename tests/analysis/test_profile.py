@@ -190,3 +190,25 @@ def test_format_count(n, text):
 def test_bad_input_size(size):
     with pytest.raises(UserError, match="input_size"):
         profile(nn.Conv2d(3, 3, 1), size)
+
+
+class _ListNet(nn.Module):
+    """Convs held in a ModuleList / ModuleDict that are never called themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)])
+        self.heads = nn.ModuleDict({"out": nn.Sequential(nn.Conv2d(4, 2, 1))})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.heads["out"](x)
+
+
+def test_containers_that_are_not_called_are_not_counted_twice():
+    # 8x8 output pixels: 3*9*4 + 4*4 + 4*2 MACs per pixel
+    p = profile(_ListNet(), (1, 3, 8, 8))
+    assert p.macs == 64 * (3 * 9 * 4 + 4 * 4 + 4 * 2)
+    assert sum(r.macs for r in p.table) == p.macs
+    assert all(r.macs == 0 for r in p.table if r.type not in ("Conv2d",))
