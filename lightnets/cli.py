@@ -158,6 +158,7 @@ def _register_feature_commands() -> None:
     """Commands whose code lives in lightnets.commands (one module per command)."""
     from lightnets.commands.data import add_data_arguments, data_command
     from lightnets.commands.export import add_export_arguments, export_command
+    from lightnets.commands.predict import add_predict_arguments, predict_command
     from lightnets.commands.profile import add_profile_arguments, profile_command
     from lightnets.commands.repro import add_repro_arguments, repro_command
 
@@ -166,6 +167,11 @@ def _register_feature_commands() -> None:
         "export a checkpoint's fused model to ONNX or TorchScript, checked with onnxruntime",
         add_export_arguments,
     )(export_command)
+    command(
+        "predict",
+        "segment an image of any size with a segmentation run (sliding window): mask + overlay",
+        add_predict_arguments,
+    )(predict_command)
     command("repro", "reproduce a paper's experiment", add_repro_arguments)(repro_command)
     command(
         "data", "prepare datasets on disk (tile: cut aerial images into tiles)", add_data_arguments

@@ -1,0 +1,270 @@
+"""`lightnets predict CHECKPOINT IMAGE`: a segmentation run's building mask for one image.
+
+The model is rebuilt from the checkpoint (a .pt file or a run dir: last.pt, best.pt with
+--best); it must come from a segmentation run (train.task = "segmentation"). The image is read
+with Pillow (any size, any mode Pillow reads; converted to RGB, or to L for a one-channel
+model) and transformed as the run evaluated: uint8 -> [0, 1], then the run's eval_augment
+(normalize with the run's dataset mean / std; `--mean` / `--std` replace them, e.g. when the
+run's dataset is no longer on disk).
+
+Sliding-window inference (`sliding_window_logits`): windows of `--tile` pixels (default: the
+run's training crop, data.image_size, else 250) with `--overlap` pixels shared between
+neighbours (default tile / 4); the last window of a row / column is aligned to the image's
+edge, logits of overlapping windows are averaged. When the image is larger than the tile in a
+dimension, it is first padded by reflection with overlap / 2 pixels on both sides of that
+dimension, so edge pixels get context like seam pixels do (the padding is cut off afterwards).
+A dimension that fits in one window is neither tiled nor padded: an image no larger than the
+tile is one forward pass of the whole image.
+
+Writes `OUT_mask.png` (8-bit: 255 where the predicted class is 1 = building, 0 elsewhere) and
+`OUT_overlay.png` (the image with building pixels tinted red), OUT defaulting to the image's
+path without its suffix; existing outputs are refused without --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightnets.errors import UserError
+
+__all__ = ["add_predict_arguments", "predict_command", "sliding_window_logits", "window_starts"]
+
+DEFAULT_TILE = 250
+OVERLAY_ALPHA = 0.5
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `lightnets predict`."""
+    p.add_argument("checkpoint", type=Path, help="a .pt checkpoint or a run dir (uses last.pt)")
+    p.add_argument("image", type=Path, help="an image Pillow can read (PNG, TIFF, JPEG, ...)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output prefix: writes OUT_mask.png and OUT_overlay.png (default: the image's "
+        "path without its suffix)",
+    )
+    p.add_argument("--best", action="store_true", help="with a run dir: use best.pt")
+    p.add_argument(
+        "--tile", type=int, help="window size in pixels (default: the run's crop, else 250)"
+    )
+    p.add_argument(
+        "--overlap", type=int, help="pixels shared by neighbouring windows (default tile / 4)"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--mean", help="per-channel mean on the [0, 1] scale, e.g. 0.44,0.45,0.36")
+    p.add_argument("--std", help="per-channel std on the [0, 1] scale")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+# ----------------------------------------------------------------------------- sliding window
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets of windows of `window` covering 0..size, `stride` apart, the last one
+    aligned to the end (window <= size)."""
+    if window >= size:
+        return [0]
+    starts = list(range(0, size - window, stride))
+    starts.append(size - window)
+    return sorted(set(starts))
+
+
+def _pad_for(size: int, tile: int, overlap: int) -> int:
+    return min(overlap // 2, size - 1) if size > tile else 0
+
+
+@torch.no_grad()
+def sliding_window_logits(
+    model: nn.Module,
+    x: torch.Tensor,
+    tile: int | Sequence[int],
+    overlap: int = 0,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Logits (1, K, H, W) of `model` for one normalized image `x` (1, C, H, W), by windows of
+    `tile` (an int or (h, w)) overlapping by `overlap` pixels, averaged where they overlap
+    (see the module docstring for the reflection padding at the edges)."""
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one image (1, C, H, W), got shape {tuple(x.shape)}")
+    th, tw = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
+    h, w = x.shape[-2:]
+    ph, pw = _pad_for(h, th, overlap), _pad_for(w, tw, overlap)
+    if ph or pw:
+        x = torch.nn.functional.pad(x, (pw, pw, ph, ph), mode="reflect")
+    hh, ww = x.shape[-2:]
+    wh, wwid = min(th, hh), min(tw, ww)
+    ys = window_starts(hh, wh, max(1, wh - overlap))
+    xs = window_starts(ww, wwid, max(1, wwid - overlap))
+    boxes = [(y, xx) for y in ys for xx in xs]
+    total: torch.Tensor | None = None
+    count = torch.zeros(1, 1, hh, ww, dtype=x.dtype, device=x.device)
+    for i in range(0, len(boxes), max(1, batch_size)):
+        chunk = boxes[i : i + batch_size]
+        batch = torch.cat([x[..., y : y + wh, xx : xx + wwid] for y, xx in chunk])
+        out = model(batch).float()
+        if total is None:
+            total = torch.zeros(1, out.shape[1], hh, ww, dtype=out.dtype, device=x.device)
+        for (y, xx), logits in zip(chunk, out):
+            total[0, :, y : y + wh, xx : xx + wwid] += logits
+            count[..., y : y + wh, xx : xx + wwid] += 1
+    assert total is not None
+    logits = total / count
+    return logits[..., ph : ph + h, pw : pw + w]
+
+
+# ----------------------------------------------------------------------------- command
+def _floats(text: str | None, option: str, channels: int) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels or not all(math.isfinite(v) for v in values):
+        raise UserError(
+            f"{option} {text!r}: expected {channels} comma-separated numbers on the [0, 1] scale"
+        )
+    return values
+
+
+def _read_image(path: Path, channels: int) -> tuple[torch.Tensor, object]:
+    """(uint8 tensor (1, C, H, W), the RGB PIL image for the overlay)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise UserError(f"image {path} does not exist: expected an image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = img.convert("RGB")
+            src = rgb if channels == 3 else img.convert("L")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise UserError(
+            f"image {path} cannot be read ({type(err).__name__}: {str(err)[:120]}): expected an "
+            "image Pillow reads (PNG, TIFF, JPEG, ...)"
+        ) from None
+    if channels not in (1, 3):
+        raise UserError(f"the model takes {channels} input channels: expected 1 or 3")
+    data = torch.frombuffer(bytearray(src.tobytes()), dtype=torch.uint8)
+    x = data.reshape(src.height, src.width, channels).permute(2, 0, 1).unsqueeze(0)
+    return x.contiguous(), rgb
+
+
+def _run_normalization(config, args, channels: int, where: str):
+    """(mean, std) from --mean/--std, else the run's dataset (opened, not downloaded)."""
+    mean = _floats(args.mean, "--mean", channels)
+    std = _floats(args.std, "--std", channels)
+    if std is not None and any(v <= 0 for v in std):
+        raise UserError(f"--std {args.std!r}: expected positive numbers")
+    needs = any(op == "normalize" for op in config.data.eval_augment)
+    if not needs or (mean is not None and std is not None):
+        return mean, std
+    from lightnets.data import load_dataset
+    from lightnets.engine.trainer import _dataset_attr
+
+    try:
+        dataset = load_dataset(
+            config.data.name,
+            root=config.data.root,
+            split=config.data.val_split or config.data.train_split,
+            **config.data.args,
+        )
+    except Exception as err:  # moved / missing data: the user can give the statistics
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"cannot read the normalization of {where}: its dataset {config.data.name!r} "
+            f"could not be opened ({first[:160]}); pass --mean and --std"
+        ) from None
+    mean = mean or _dataset_attr(dataset, "mean", None)
+    std = std or _dataset_attr(dataset, "std", None)
+    return mean, std
+
+
+def _outputs(args) -> tuple[Path, Path]:
+    prefix = args.out if args.out is not None else args.image.with_suffix("")
+    mask, overlay = Path(f"{prefix}_mask.png"), Path(f"{prefix}_overlay.png")
+    existing = [str(p) for p in (mask, overlay) if p.exists()]
+    if existing and not args.overwrite:
+        raise UserError(
+            f"{' and '.join(existing)} already exist(s): pass --overwrite to replace, or --out"
+        )
+    mask.parent.mkdir(parents=True, exist_ok=True)
+    return mask, overlay
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """Run `lightnets predict`; returns the exit code."""
+    import numpy as np
+    from PIL import Image
+
+    from lightnets.commands import load_checkpoint_model, resolve_checkpoint_path
+    from lightnets.data import build_batch_augment
+    from lightnets.engine.config import load_config
+
+    for option in ("tile", "batch_size"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UserError(f"--{option.replace('_', '-')} {value}: expected at least 1")
+    ckpt_path = resolve_checkpoint_path(args.checkpoint, args.best)
+    if not args.image.is_file():  # before loading the model: the cheap error first
+        raise UserError(f"image {args.image} does not exist: expected an image file")
+    model, ckpt = load_checkpoint_model(ckpt_path)
+    where = str(ckpt.get("path", ckpt_path))
+    if not isinstance(ckpt.get("config"), dict):
+        raise UserError(
+            f"checkpoint {where} holds no run config: expected one of `lightnets train`"
+        )
+    config = load_config(ckpt["config"])
+    if config.train.task != "segmentation":
+        raise UserError(
+            f"checkpoint {where} is from a {config.train.task} run (model "
+            f"{ckpt.get('model_name')!r}): expected a segmentation run, e.g. of recipe "
+            "res_unet_synthetic or res_unet_buildings"
+        )
+    channels = int((ckpt.get("model_args") or {}).get("in_chans") or 3)
+    size = config.data.image_size
+    if args.tile is not None:
+        tile: int | tuple[int, int] = args.tile
+    elif size:
+        tile = (int(size[0]), int(size[-1])) if not isinstance(size, int) else int(size)
+    else:
+        tile = DEFAULT_TILE
+    smallest = tile if isinstance(tile, int) else min(tile)
+    overlap = args.overlap if args.overlap is not None else smallest // 4
+    if not 0 <= overlap < smallest:
+        raise UserError(f"--overlap {overlap}: expected 0 <= overlap < the tile ({smallest})")
+    mask_path, overlay_path = _outputs(args)
+    x, rgb = _read_image(args.image, channels)
+    mean, std = _run_normalization(config, args, channels, where)
+    transform = build_batch_augment(config.data.eval_augment, mean=mean, std=std, train=False)
+    model.eval()
+    logits = sliding_window_logits(model, transform(x), tile, overlap, args.batch_size)
+    pred = logits.argmax(1)[0]
+    building = (pred == 1).numpy()
+    Image.fromarray(building.astype(np.uint8) * 255, mode="L").save(mask_path)
+    img = np.asarray(rgb, dtype=np.float32)
+    red = np.array([255.0, 0.0, 0.0], dtype=np.float32)
+    img[building] = (1 - OVERLAY_ALPHA) * img[building] + OVERLAY_ALPHA * red
+    Image.fromarray(img.round().clip(0, 255).astype(np.uint8), mode="RGB").save(overlay_path)
+    print(
+        json.dumps(
+            {
+                "checkpoint": where,
+                "image": str(args.image),
+                "size": [int(x.shape[-2]), int(x.shape[-1])],
+                "tile": list(tile) if isinstance(tile, tuple) else tile,
+                "overlap": overlap,
+                "building_fraction": float(building.mean()),
+                "mask": str(mask_path),
+                "overlay": str(overlay_path),
+            }
+        )
+    )
+    return 0

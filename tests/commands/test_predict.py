@@ -1,0 +1,153 @@
+"""`lightnets predict`: sliding-window segmentation of images of any size, mask + overlay."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightnets.cli import main
+from lightnets.commands.predict import sliding_window_logits, window_starts
+
+TRAIN = [
+    "model.args.widths=[4, 8, 16]",
+    "data.args={size = 32, length = 4, seed = 0}",
+    "data.batch_size=2",
+    "data.eval_batch_size=4",
+    "data.image_size=[24, 24]",
+    "train.max_steps=2",
+    "train.progress=false",
+    "output.plot=false",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A res_unet run dir of 2 training steps on synthetic scenes (widths 4/8/16)."""
+    from lightnets.engine import Trainer
+    from lightnets.engine.config import load_config
+
+    path = tmp_path_factory.mktemp("run") / "seg"
+    Trainer(load_config("res_unet_synthetic", TRAIN), path).fit()
+    return path
+
+
+def _image(path, h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_window_starts_cover_and_align():
+    assert window_starts(10, 10, 5) == [0]
+    assert window_starts(8, 10, 5) == [0]
+    assert window_starts(70, 24, 18) == [0, 18, 36, 46]
+    for size, win, stride in [(53, 24, 18), (100, 7, 3), (25, 24, 1)]:
+        starts = window_starts(size, win, stride)
+        assert starts[0] == 0 and starts[-1] == size - win
+        assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
+
+
+def test_sliding_window_equals_full_forward_when_one_window():
+    import lightnets as ln
+
+    torch.manual_seed(0)
+    model = ln.create_model("res_unet", widths=[4, 8, 16]).eval()
+    x = torch.randn(1, 3, 53, 70)
+    full = model(x)
+    for tile in (70, 100, (53, 70)):
+        got = sliding_window_logits(model, x, tile, overlap=8)
+        torch.testing.assert_close(got, full)
+    tiled = sliding_window_logits(model, x, 24, overlap=6, batch_size=3)
+    assert tiled.shape == full.shape and torch.isfinite(tiled).all()
+
+
+def test_sliding_window_averages_overlaps():
+    class Ones(torch.nn.Module):  # logits = [1 + window index, 0]: the average is checkable
+        calls = 0
+
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+            for i in range(x.shape[0]):
+                Ones.calls += 1
+                out[i, 0] = Ones.calls
+            return out
+
+    x = torch.zeros(1, 3, 1, 10)
+    got = sliding_window_logits(Ones(), x, (1, 6), overlap=2, batch_size=1)
+    # width padded by 1 px of reflection on each side (12 px): windows [0, 6) -> 1,
+    # [4, 10) -> 2, [6, 12) -> 3 on the padded row; no padding in height (it fits one window)
+    assert got.shape == (1, 2, 1, 10)
+    want = [1, 1, 1, 1.5, 1.5, 2.5, 2.5, 2.5, 2.5, 3]
+    assert got[0, 0, 0].tolist() == pytest.approx(want)
+    assert Ones.calls == 3
+
+
+def test_predict_odd_size_writes_mask_and_overlay(run_dir, tmp_path, capsys):
+    img = _image(tmp_path / "scene.png", 53, 70)
+    assert main(["predict", str(run_dir), str(img)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["size"] == [53, 70] and report["tile"] == [24, 24] and report["overlap"] == 6
+    mask = Image.open(tmp_path / "scene_mask.png")
+    overlay = Image.open(tmp_path / "scene_overlay.png")
+    assert mask.size == (70, 53) and mask.mode == "L"
+    assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    assert overlay.size == (70, 53) and overlay.mode == "RGB"
+    # pixels predicted background are the original image in the overlay
+    m, o = np.asarray(mask) == 0, np.asarray(overlay)
+    assert np.array_equal(o[m], np.asarray(Image.open(img).convert("RGB"))[m])
+    # refuses to overwrite, then overwrites
+    assert main(["predict", str(run_dir), str(img)]) == 2
+    assert "already exist" in capsys.readouterr().err
+    assert main(["predict", str(run_dir), str(img), "--overwrite", "--tile", "80"]) == 0
+
+
+def test_predict_single_window_matches_full_pass(run_dir, tmp_path):
+    from lightnets.commands import load_checkpoint_model
+    from lightnets.data.synthetic_buildings import SYNTHETIC_MEAN, SYNTHETIC_STD
+
+    img = _image(tmp_path / "a.png", 31, 45, seed=1)
+    out = tmp_path / "out" / "a"
+    assert main(["predict", str(run_dir), str(img), "--tile", "64", "--out", str(out)]) == 0
+    model, _ = load_checkpoint_model(run_dir / "last.pt")
+    x = torch.from_numpy(np.array(Image.open(img))).permute(2, 0, 1)[None].float() / 255
+    x = (x - torch.tensor(SYNTHETIC_MEAN)[:, None, None]) / torch.tensor(SYNTHETIC_STD)[
+        :, None, None
+    ]
+    with torch.no_grad():
+        want = (model.eval()(x).argmax(1)[0] == 1).numpy().astype(np.uint8) * 255
+    assert np.array_equal(np.asarray(Image.open(f"{out}_mask.png")), want)
+
+
+def test_predict_errors_exit_2(run_dir, tmp_path, capsys):
+    from lightnets.engine import Trainer
+    from lightnets.engine.config import load_config
+
+    assert main(["predict", str(run_dir), str(tmp_path / "missing.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    assert main(["predict", str(run_dir), str(bad)]) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    img = _image(tmp_path / "x.png", 20, 20)
+    assert main(["predict", str(tmp_path / "norun"), str(img)]) == 2
+    capsys.readouterr()
+    assert main(["predict", str(run_dir), str(img), "--overlap", "40"]) == 2
+    assert "--overlap" in capsys.readouterr().err
+    cls = tmp_path / "cls"
+    cfg = ["model.args.width=8", "train.max_steps=1", "schedule.warmup=0"]
+    cfg += ["train.progress=false", "output.plot=false"]
+    Trainer(load_config("mnist_cnn", cfg), cls).fit()
+    assert main(["predict", str(cls), str(img)]) == 2
+    assert "expected a segmentation run" in capsys.readouterr().err
+
+
+def test_export_segmentation_run_onnx(run_dir, tmp_path, capsys):
+    """`lightnets export` on a res_unet run: fused ONNX checked by onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "seg.onnx"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert out.is_file()
