@@ -342,8 +342,9 @@ def paper_table(results, bn_init: str) -> str:
     head = ["W_BN init", "model", "# params (ours)", "paper", "MACs (ours)", "paper GFLOPs"]
     for _, label in METRICS:
         head += [f"{label} (ours)", "paper"]
+    data = results.spec.title.split("— ")[-1]
     lines = [
-        f"## {table}: residual U-Net with the weight mechanism ({results.spec.out})",
+        f"## {table}: residual U-Net with the weight mechanism ({data})",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
