@@ -48,9 +48,11 @@ __all__ = [
     "format_table",
     "int_list",
     "prepare_out_dir",
+    "save_figure",
     "run_experiment",
     "summarize",
     "toml_string",
+    "write_text",
     "write_results",
 ]
 
@@ -250,6 +252,19 @@ def _read_experiment_file(out: Path) -> dict[str, Any] | None:
             "--overwrite to start the experiment afresh)"
         ) from None
     return data if isinstance(data, dict) else None
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (temp file + rename), as every results file is."""
+    _atomic_write_text(path, text)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure to `path` atomically (temp file + rename), at 120 dpi."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -700,7 +715,4 @@ def plot_results(results: ExperimentResults, path: Path) -> None:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_figure(fig, path)

@@ -32,7 +32,7 @@ from typing import Any
 from lightnets.commands import add_set_option
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
-from lightnets.experiments.base import toml_string
+from lightnets.experiments.base import save_figure, toml_string, write_text
 
 #: [Re] Table 1 (MNIST, 10 random initializations): mean accuracy and its variance.
 PAPER_TABLE1: dict[str, tuple[float, float]] = {
@@ -271,18 +271,6 @@ def _sci(value: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def _write_text(path: Path, text: str) -> None:
-    from lightnets.engine.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode())
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-
-
 def gaussian_smooth(values: list[float], sigma: float) -> list[float]:
     """1-D Gaussian filter (std `sigma` samples, edges extended with the end values), as the
     paper smoothed its per-step curves (scipy's gaussian_filter1d, mode 'nearest')."""
@@ -435,7 +423,7 @@ def _phase2(config, run_dir: Path, model, datasets, tag: str):
         trainer.fit()
     except NonFiniteError as err:
         reason = str(err).split(";")[0]
-        _write_text(failed, json.dumps({"reason": reason}) + "\n")
+        write_text(failed, json.dumps({"reason": reason}) + "\n")
         print(f"{tag}: failed ({reason})", flush=True)
         return f"failed ({reason})", None
     return ("resumed" if resume else "trained"), trainer
@@ -605,7 +593,7 @@ def run_approx(spec, phase2_overrides: list[str]):
     results = ExperimentResults(spec, variants, time.perf_counter() - start)
     write_results(results)
     table1 = approx_table1(results)
-    _write_text(spec.out / "table1.md", table1 + "\n")
+    write_text(spec.out / "table1.md", table1 + "\n")
     print()
     print(format_table(results))
     print()
@@ -725,7 +713,7 @@ def plot_curves_by_variant(results, path: Path, columns: list[tuple[str, str]], 
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 @register_experiment(
@@ -852,7 +840,7 @@ def plot_hparams(results, path: Path, gammas, taus, sigma: float | None = None) 
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 @register_experiment(
@@ -929,7 +917,7 @@ def best_checkpoint_test_accuracy(run_dir: Path, config) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu"
     acc = _eval_accuracy(model.to(device), config, test_set)
     record = {**key, "test_acc1": acc, "val_loss": (ckpt.get("metrics") or {}).get("val_loss")}
-    _write_text(cache, json.dumps(record) + "\n")
+    write_text(cache, json.dumps(record) + "\n")
     return record
 
 
@@ -978,8 +966,8 @@ def bop_cifar(args: argparse.Namespace) -> int:
             record = best_checkpoint_test_accuracy(Path(run.run_dir), config)
             records.append({"seed": run.seed, **record})
     table = cifar_test_table(results, records)
-    _write_text(spec.out / "test.md", table + "\n")
-    _write_text(spec.out / "test.json", json.dumps({"runs": records}, indent=2) + "\n")
+    write_text(spec.out / "test.md", table + "\n")
+    write_text(spec.out / "test.json", json.dumps({"runs": records}, indent=2) + "\n")
     print()
     print(table)
     print(f"test accuracy: {spec.out}/test.md, test.json")

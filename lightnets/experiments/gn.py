@@ -37,7 +37,7 @@ from lightnets.commands import add_set_option
 from lightnets.engine.callbacks import Callback
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
-from lightnets.experiments.base import int_list, toml_string
+from lightnets.experiments.base import int_list, save_figure, toml_string, write_text
 
 # ResNet-50, ImageNet val top-1 error (%), 32 images/GPU unless a batch column says otherwise.
 #: Table 2 (and Table 1 for LN / IN at 32, the text for BRN at 4): [norm][images per worker].
@@ -416,19 +416,7 @@ def plot_batch_size(results, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    from lightnets.engine.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode())
+    save_figure(fig, path)
 
 
 @register_experiment(
@@ -442,7 +430,7 @@ def gn_batch_size(args: argparse.Namespace) -> int:
 
     results = run_experiment(batch_size_spec(args))
     table = batch_size_table(results)
-    _write_text(results.spec.out / "table2.md", table + "\n")
+    write_text(results.spec.out / "table2.md", table + "\n")
     plot_batch_size(results, results.spec.out / "fig1.png")
     print()
     print(table)
@@ -571,7 +559,7 @@ class FeaturePercentiles(Callback):
 
     def on_epoch_end(self, trainer, row: dict[str, Any]) -> None:
         text = json.dumps({"percentiles": list(PERCENTILES), "records": self.records})
-        _write_text(Path(trainer.run_dir) / PERCENTILE_FILE, text + "\n")
+        write_text(Path(trainer.run_dir) / PERCENTILE_FILE, text + "\n")
 
     def state_dict(self) -> dict[str, Any]:
         return {"records": self.records}
@@ -680,7 +668,7 @@ def plot_feature_dist(results, path: Path) -> None:
             ax.set_ylabel("last conv response (before norm, ReLU)")
             ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 @register_experiment(

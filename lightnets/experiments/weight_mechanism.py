@@ -31,7 +31,7 @@ from typing import Any
 from lightnets.commands import add_set_option
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
-from lightnets.experiments.base import summarize, toml_string
+from lightnets.experiments.base import save_figure, summarize, toml_string, write_text
 
 #: Table I (W_BN ~ N(0, 1)): params, GFLOPs, mIoU, pixel acc., mean acc. (fractions as printed).
 PAPER_TABLE1: dict[str, dict[str, Any]] = {
@@ -414,19 +414,7 @@ def box_plot(results, path: Path, title: str, paper_best: dict[str, float] | Non
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    from lightnets.engine.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode())
+    save_figure(fig, path)
 
 
 def _run_table(args: argparse.Namespace, experiment: str):
@@ -437,7 +425,7 @@ def _run_table(args: argparse.Namespace, experiment: str):
     name = "table1.md" if args.bn_init == "normal" else "table2.md"
     fig = "fig4.png" if args.bn_init == "normal" else "fig6.png"
     text = paper_table(results, args.bn_init)
-    _write_text(out / name, text + "\n")
+    write_text(out / name, text + "\n")
     box_plot(results, out / fig, f"mIoU of {len(results.spec.seeds)} run(s) per variant")
     print()
     print(text)
@@ -547,7 +535,7 @@ def plot_param_stats(stats: dict[str, Any], path: Path, title: str) -> None:
                 ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 @register_experiment(
@@ -561,7 +549,7 @@ def wm_param_stats(args: argparse.Namespace) -> int:
     results = _run_table(args, "wm-param-stats")
     stats = param_stats(results)
     out = results.spec.out
-    _write_text(out / "param_stats.json", json.dumps(stats, indent=1) + "\n")
+    write_text(out / "param_stats.json", json.dumps(stats, indent=1) + "\n")
     fig = "fig5.png" if args.bn_init == "normal" else "fig7.png"
     init = "N(0, 1)" if args.bn_init == "normal" else "1"
     plot_param_stats(
