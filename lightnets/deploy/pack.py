@@ -74,8 +74,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -765,25 +763,11 @@ def _check_rebuilds(spec_model: Any, modules: dict[str, Any], state: dict[str, T
 
 
 def _read(path: Path) -> dict[str, Any]:
+    from lightnets.engine.checkpoint import read_weights_only
+
     if not path.is_file():
         raise UserError(f"packed model {path} does not exist: expected a file from save_packed")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        zipfile.BadZipFile,
-        ValueError,
-        OSError,
-        AttributeError,
-        KeyError,
-    ) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"cannot read packed model {path}: corrupt, truncated or not a weights-only torch "
-            f"file ({first[:200]})"
-        ) from None
+    payload = read_weights_only(path, "packed model")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(
             f"{path} is not a packed lightnets model: expected a file written by save_packed"

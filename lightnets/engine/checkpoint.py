@@ -56,15 +56,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a lightnets checkpoint with weights_only=True, or explain why it can't be used."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.pt"
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist: expected a .pt file or a run dir")
+def read_weights_only(path: Path, what: str) -> Any:
+    """torch.load(path, weights_only=True) on the CPU; any failure is one UserError naming
+    `what` and the file (a corrupt, truncated or pickled-object file never runs code)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (
         pickle.UnpicklingError,
         RuntimeError,
@@ -72,12 +68,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         zipfile.BadZipFile,
         ValueError,
         OSError,
+        AttributeError,
+        KeyError,
     ) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"cannot read checkpoint {path}: corrupt, truncated or not a weights-only "
-            f"torch file ({first[:200]})"
+            f"cannot read {what} {path}: corrupt, truncated or not a weights-only torch file "
+            f"({first[:200]})"
         ) from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a lightnets checkpoint with weights_only=True, or explain why it can't be used."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: expected a .pt file or a run dir")
+    ckpt = read_weights_only(path, "checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a lightnets checkpoint: expected a file written by it")
     if ckpt.get("version", 0) > VERSION:
