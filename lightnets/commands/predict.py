@@ -143,6 +143,12 @@ def _read_image(path: Path, channels: int) -> tuple[torch.Tensor, object]:
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                # Pillow's convert() clips values above 255 instead of rescaling them
+                raise UserError(
+                    f"image {path} has {img.mode!r} pixels (16/32-bit): expected 8-bit "
+                    "RGB, RGBA, L or P (rescale it to 8 bits first)"
+                )
             rgb = img.convert("RGB")
             src = rgb if channels == 3 else img.convert("L")
     except (UnidentifiedImageError, OSError, ValueError) as err:

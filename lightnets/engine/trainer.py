@@ -415,8 +415,17 @@ class Trainer:
             ) from None
         schedulers = {"scheduler": self.scheduler, "binary_scheduler": self.binary_scheduler}
         for key, sched in schedulers.items():
-            if sched is not None and ckpt.get(key) is not None:
-                sched.load_state_dict(ckpt[key])
+            saved = ckpt.get(key)
+            if (sched is None) != (saved is None) or (
+                sched is not None and list(saved.get("keys", sched.keys)) != list(sched.keys)
+            ):
+                raise UserError(
+                    f"checkpoint {ckpt['path']} was trained with another {key.replace('_', ' ')} "
+                    "(present / scheduled keys differ from this config's): expected the config "
+                    "the run was started with"
+                )
+            if sched is not None:
+                sched.load_state_dict(saved)
         self.flip_counts = list(ckpt.get("flip_counts") or [])
         self.stop_reason = ckpt.get("stop_reason") or ""
         self.should_stop = bool(self.stop_reason)  # a stopped run stays finished

@@ -244,6 +244,12 @@ def test_resume_continues_bop_and_adam_exactly(tmp_path, small_data):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["step"], sb["step"])
     assert _rows(tmp_path / "full")[1]["flips"] == _rows(tmp_path / "half")[1]["flips"]
 
+    # resuming with another binary schedule (now also on the threshold) is refused, not crashed
+    keys = 'binary_schedule.keys=["gamma", "threshold"]'
+    other = load_config("bnn_mnist_bop", [*QUIET, "train.epochs=2", *sched, keys])
+    with pytest.raises(UserError, match="binary scheduler"):
+        Trainer(other, tmp_path / "half", resume=True, datasets=small_data)
+
 
 class Crash(Callback):
     def on_step_end(self, trainer, info):
