@@ -321,6 +321,22 @@ class _PackedBinary(nn.Module):
             s += ", affine=True"
         return s
 
+    @classmethod
+    @torch.no_grad()
+    def from_binary(
+        cls,
+        layer: nn.Module,
+        scale: Tensor | None = None,
+        shift: Tensor | None = None,
+        *,
+        cache_weights: bool = True,
+    ) -> _PackedBinary:
+        """The packed twin of `layer` (its eval forward), with a folded BN's scale / shift."""
+        config = cls._config_of(layer, affine=scale is not None)
+        packed = cls(**config, cache_weights=cache_weights)
+        _fill(packed, layer, scale, shift)
+        return packed
+
     def config(self) -> dict[str, Any]:
         """Constructor keyword arguments, JSON-serializable (see save_packed)."""
         raise NotImplementedError
@@ -393,20 +409,9 @@ class PackedBinaryConv2d(_PackedBinary):
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self._setup(shape, bias, affine, input_quantizer, cache_weights, device, dtype)
 
-    @classmethod
-    @torch.no_grad()
-    def from_binary(
-        cls,
-        layer: BinaryConv2d,
-        scale: Tensor | None = None,
-        shift: Tensor | None = None,
-        *,
-        cache_weights: bool = True,
-    ) -> PackedBinaryConv2d:
-        """The packed twin of `layer` (its eval forward), with a folded BN's scale / shift."""
-        packed = cls(**_conv_config(layer, affine=scale is not None), cache_weights=cache_weights)
-        _fill(packed, layer, scale, shift)
-        return packed
+    @staticmethod
+    def _config_of(layer: nn.Module, affine: bool) -> dict[str, Any]:
+        return _conv_config(layer, affine)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -474,20 +479,9 @@ class PackedBinaryLinear(_PackedBinary):
         shape = (self.out_features, self.in_features)
         self._setup(shape, bias, affine, input_quantizer, cache_weights, device, dtype)
 
-    @classmethod
-    @torch.no_grad()
-    def from_binary(
-        cls,
-        layer: BinaryLinear,
-        scale: Tensor | None = None,
-        shift: Tensor | None = None,
-        *,
-        cache_weights: bool = True,
-    ) -> PackedBinaryLinear:
-        """The packed twin of `layer` (its eval forward), with a folded BN's scale / shift."""
-        packed = cls(**_linear_config(layer, affine=scale is not None), cache_weights=cache_weights)
-        _fill(packed, layer, scale, shift)
-        return packed
+    @staticmethod
+    def _config_of(layer: nn.Module, affine: bool) -> dict[str, Any]:
+        return _linear_config(layer, affine)
 
     def config(self) -> dict[str, Any]:
         return {
