@@ -53,6 +53,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("train", "train a model from a recipe", _train_args)
 def train_command(args: argparse.Namespace) -> int:
     from lightnets.engine.config import Config, load_config
+    from lightnets.engine.distributed import shutdown_distributed
     from lightnets.engine.trainer import Trainer
 
     if args.resume:
@@ -68,6 +69,7 @@ def train_command(args: argparse.Namespace) -> int:
     row = trainer.fit()
     if trainer.is_main:
         print(json.dumps({"run_dir": str(run_dir), **_plain(row)}))
+    shutdown_distributed()
     return 0
 
 

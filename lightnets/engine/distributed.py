@@ -28,6 +28,18 @@ def init_distributed(device: torch.device) -> bool:
     return True
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group cleanly once every rank is done.
+
+    Without the barrier one rank can tear gloo down while its peer still talks to it, and
+    the process dies with "terminate called without an active exception" (SIGABRT) after
+    its work is finished (seen in about 1 run of 4 with two CPU processes).
+    """
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -459,6 +459,7 @@ _WORKER = textwrap.dedent(
                          "n": int(m.num_batches_tracked)}
     torch.save(results, out)
     if world > 1:
+        dist.barrier()  # no rank tears gloo down while its peer still talks to it
         dist.destroy_process_group()
     """
 )
