@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 # pytest-xdist runs one worker per core: more threads per worker only oversubscribes.
 torch.set_num_threads(1)
@@ -41,3 +42,10 @@ def run_cli(
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY)
+
+
+# Hypothesis: CI draws the same examples every run (a red CI is reproducible, never a dice
+# roll); `HYPOTHESIS_PROFILE=explore` draws new, more examples to hunt for bugs locally.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", max_examples=500, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
