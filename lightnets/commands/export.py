@@ -49,6 +49,18 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--static-batch", action="store_true", help="fix the batch size instead of a dynamic axis"
     )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--dynamic-size",
+        action="store_true",
+        help="leave height and width symbolic in the file (default for segmentation runs: "
+        "the U-Nets then predict on any image size)",
+    )
+    size.add_argument(
+        "--static-size",
+        action="store_true",
+        help="fix height and width at --input (default for classification runs)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
@@ -86,6 +98,7 @@ def export_command(args: argparse.Namespace) -> int:
     model, ckpt = load_checkpoint_model(ckpt_path)
     in_chans = int(ckpt["model_args"].get("in_chans", 3))
     size = parse_input_size(args.input, in_chans) or checkpoint_input_size(ckpt)
+    dynamic_size = args.dynamic_size or (not args.static_size and _is_segmentation(ckpt))
 
     result = export(
         model,
@@ -96,15 +109,17 @@ def export_command(args: argparse.Namespace) -> int:
         check=True,
         opset=args.opset,
         dynamic_batch=not args.static_batch,
+        dynamic_size=dynamic_size,
         overwrite=args.overwrite,
     )
 
     checker = "onnxruntime" if fmt == "onnx" else "torch.jit.load"
     kind = f"{fmt}, opset {result.opset}" if result.opset is not None else fmt
     batch = "static batch" if args.static_batch else "dynamic batch"
+    spatial = "any height and width" if dynamic_size else "fixed height and width"
     print(f"exported {result.path} ({kind}, {_size_text(result.file_size)})")
     print(f"  model         {ckpt['model_name']} from {ckpt['path']}")
-    print(f"  input         {'x'.join(map(str, result.input_size))}, {batch}")
+    print(f"  input         {'x'.join(map(str, result.input_size))}, {batch}, {spatial}")
     print(
         f"  params        {result.params_unfused:,} -> {result.params:,} after fusion"
         if result.fused
@@ -118,6 +133,11 @@ def export_command(args: argparse.Namespace) -> int:
     )
     print(json.dumps({"checkpoint": ckpt["path"], "model": ckpt["model_name"], **result.to_dict()}))
     return 0
+
+
+def _is_segmentation(ckpt: dict) -> bool:
+    config = ckpt.get("config")
+    return isinstance(config, dict) and (config.get("train") or {}).get("task") == "segmentation"
 
 
 def _size_text(n: int) -> str:

@@ -34,7 +34,6 @@ import copy
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightnets.engine.files import atomic_path
 from lightnets.errors import UserError
 
 __all__ = ["FORMATS", "SUFFIXES", "ExportCheckError", "ExportResult", "export", "format_for_path"]
@@ -71,6 +71,7 @@ class ExportResult:
     opset: int | None  # ONNX opset of the default domain; None for TorchScript
     exporter: str  # "legacy" / "dynamo" (ONNX) or "trace" (TorchScript)
     dynamic_batch: bool
+    dynamic_size: bool
     checked: bool
     max_abs_diff_fused: float | None  # file vs the fused PyTorch model
     max_abs_diff_unfused: float | None  # file vs the original model in eval mode
@@ -104,6 +105,7 @@ def export(
     check: bool = True,
     opset: int | None = None,
     dynamic_batch: bool = True,
+    dynamic_size: bool = False,
     atol: float = 1e-4,
     rtol: float = 1e-4,
     overwrite: bool = False,
@@ -112,12 +114,14 @@ def export(
 ) -> ExportResult:
     """Write `model` (fused unless fuse=False) to `path` as ONNX or TorchScript and check it.
 
-    input_size: the example input (N, C, H, W, or whatever the model takes); the batch axis
-    stays dynamic in the file when dynamic_batch. format: "onnx" / "torchscript", or None to
-    take it from the suffix. The check runs a seeded random input through the file and through
-    PyTorch; a difference beyond atol + rtol * max|reference| raises ExportCheckError. The
-    model itself is not modified (its train/eval flags are restored). Float32 on CPU is what
-    gets exported.
+    input_size: the example input (N, C, H, W, or whatever the model takes). The batch axis
+    stays dynamic in the file when dynamic_batch; the spatial axes (all after C) when
+    dynamic_size, for fully convolutional models such as the U-Nets that predict on any image
+    size (the check then also runs a second, odd size through the file). format: "onnx" /
+    "torchscript", or None to take it from the suffix. The check runs a seeded random input
+    through the file and through PyTorch; a difference beyond atol + rtol * max|reference|
+    raises ExportCheckError. The model itself is not modified (its train/eval flags are
+    restored). Float32 on CPU is what gets exported.
     """
     path = Path(path)
     fmt = _resolve_format(path, format)
@@ -126,6 +130,11 @@ def export(
         raise UserError(f"exporter={exporter!r}: expected one of {', '.join(_EXPORTERS)}")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
         raise UserError(f"opset={opset!r}: expected an int >= 7 or None (torch's default)")
+    if dynamic_size and len(size) < 3:
+        raise UserError(
+            f"dynamic_size=True needs spatial axes after (N, C): input_size {_fmt_size(size)}"
+        )
+    dynamic = _dynamic_axes(len(size), dynamic_batch, dynamic_size)
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists: expected a new path, or pass overwrite=True")
     if path.is_dir():
@@ -151,29 +160,25 @@ def export(
         params = _count_params(exported)
         binary_weights = _packed_weight_count(exported)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path, replace=False) as tmp:
         if fmt == "onnx":
-            used, file_opset = _export_onnx(exported, x, tmp, opset, dynamic_batch, exporter)
+            used, file_opset = _export_onnx(exported, x, tmp, opset, dynamic, exporter)
         else:
             used, file_opset = _export_torchscript(exported, x, tmp), None
         diff_fused = diff_unfused = None
         if check:
             inputs = [x]
             if dynamic_batch:
-                other = (size[0] + 1, *size[1:])
-                inputs.append(_random_input(other, seed + 1))
+                inputs.append(_random_input((size[0] + 1, *size[1:]), seed + 1))
+            if dynamic_size:  # another size, odd on purpose: nothing may assume divisibility
+                other = (*size[:2], *(n + n // 2 + 1 for n in size[2:]))
+                inputs.append(_random_input(other, seed + 2))
             diff_fused, diff_unfused = _check_file(
                 tmp, fmt, inputs, exported, reference, (fused_out, ref_out), atol, rtol
             )
         if path.exists() and not overwrite:  # appeared while we were exporting
             raise UserError(f"{path} already exists: expected a new path, or pass overwrite=True")
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
     return ExportResult(
         path=str(path),
@@ -186,6 +191,7 @@ def export(
         opset=file_opset,
         exporter=used,
         dynamic_batch=dynamic_batch,
+        dynamic_size=dynamic_size,
         checked=check,
         max_abs_diff_fused=diff_fused,
         max_abs_diff_unfused=diff_unfused,
@@ -311,7 +317,7 @@ def _export_onnx(
     x: torch.Tensor,
     path: Path,
     opset: int | None,
-    dynamic_batch: bool,
+    dynamic: dict[int, str],
     exporter: str,
 ) -> tuple[str, int | None]:
     errors = []
@@ -319,9 +325,9 @@ def _export_onnx(
     for name in order:
         try:
             if name == "legacy":
-                _onnx_legacy(model, x, path, opset, dynamic_batch)
+                _onnx_legacy(model, x, path, opset, dynamic)
             else:
-                _onnx_dynamo(model, x, path, opset, dynamic_batch)
+                _onnx_dynamo(model, x, path, opset, dynamic)
         except Exception as err:  # try the next exporter, report all if none works
             errors.append(f"{name}: {type(err).__name__}: {str(err).strip()[:500]}")
             continue
@@ -332,10 +338,23 @@ def _export_onnx(
     )
 
 
+def _dynamic_axes(ndim: int, batch: bool, spatial: bool) -> dict[int, str]:
+    """Input axes left symbolic in the file: {axis: name}."""
+    axes = {0: "batch"} if batch else {}
+    if spatial:
+        names = ("height", "width") if ndim == 4 else tuple(f"dim{i}" for i in range(2, ndim))
+        axes.update(zip(range(2, ndim), names))
+    return axes
+
+
 def _onnx_legacy(
-    model: nn.Module, x: torch.Tensor, path: Path, opset: int | None, dynamic_batch: bool
+    model: nn.Module, x: torch.Tensor, path: Path, opset: int | None, dynamic: dict[int, str]
 ) -> None:
-    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    with torch.no_grad():
+        out_ndim = model(x).ndim  # (N, classes) or a map (N, classes, H, W)
+    axes = None
+    if dynamic:
+        axes = {"input": dynamic, "output": {a: n for a, n in dynamic.items() if a < out_ndim}}
     with _quiet_deprecations(), torch.no_grad():
         torch.onnx.export(
             model,
@@ -364,11 +383,12 @@ def _has_packed(model: nn.Module) -> bool:
 
 
 def _onnx_dynamo(
-    model: nn.Module, x: torch.Tensor, path: Path, opset: int | None, dynamic_batch: bool
+    model: nn.Module, x: torch.Tensor, path: Path, opset: int | None, dynamic: dict[int, str]
 ) -> None:
-    if dynamic_batch and x.shape[0] == 1:
+    if 0 in dynamic and x.shape[0] == 1:
         x = x.expand(2, *x.shape[1:]).contiguous()  # torch.export specializes a size of 1
-    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    dims = {axis: torch.export.Dim(name) for axis, name in dynamic.items()}
+    shapes = (dims,) if dims else None
     with _quiet_deprecations(), _quiet_loggers(), torch.no_grad():
         program = torch.onnx.export(
             model,
@@ -419,7 +439,7 @@ def _run_file(path: Path, fmt: str, inputs: list[torch.Tensor]) -> list[torch.Te
     if fmt == "torchscript":
         with _quiet_deprecations(), torch.no_grad():
             loaded = torch.jit.load(str(path), map_location="cpu")
-            return [loaded(x) for x in inputs]
+            return _run_each(loaded, inputs, path, fmt)
     try:
         import onnxruntime as ort
     except ImportError:
@@ -432,7 +452,42 @@ def _run_file(path: Path, fmt: str, inputs: list[torch.Tensor]) -> list[torch.Te
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return [torch.from_numpy(session.run(None, {name: x.numpy()})[0]) for x in inputs]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+    return _run_each(run, inputs, path, fmt)
+
+
+def _run_each(run, inputs: list[torch.Tensor], path: Path, fmt: str) -> list[torch.Tensor]:
+    """Run every check input through the file; one that fails is an ExportCheckError."""
+    outs = []
+    for x in inputs:
+        try:
+            outs.append(run(x))
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [""])[-1][:300]
+            raise ExportCheckError(
+                f"{fmt} export {path.name} fails on input {_fmt_size(x.shape)}"
+                f"{_other_size_hint(x, inputs[0])}: {type(err).__name__}: {first}"
+            ) from None
+    return outs
+
+
+def _other_size_hint(x: torch.Tensor, first: torch.Tensor) -> str:
+    """Why a second check input may fail: the model fixes a size the file was told to free."""
+    if x.shape[0] != first.shape[0]:
+        return (
+            " (a batch size other than the traced one: if the model fixes its batch size, "
+            "export with dynamic_batch=False)"
+        )
+    if x.shape != first.shape:
+        return (
+            " (a height/width other than the traced one: the model fixes its input size "
+            "somewhere, e.g. a flatten or adaptive pooling to more than 1x1, which ONNX stores "
+            "with a fixed kernel; export without dynamic_size)"
+        )
+    return ""
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -467,11 +522,10 @@ def _check_file(
                 fused_out, ref_out = fused(x), reference(x)
         what = f"input {_fmt_size(x.shape)}"
         if out.shape != fused_out.shape:
-            hint = " (a batch size other than the traced one)" if i else ""
             raise ExportCheckError(
-                f"{fmt} export {path.name}: output shape {tuple(out.shape)} for {what}{hint} "
-                f"differs from PyTorch's {tuple(fused_out.shape)}; if the model fixes its batch "
-                "size, export with dynamic_batch=False"
+                f"{fmt} export {path.name}: output shape {tuple(out.shape)} for {what}"
+                f"{_other_size_hint(x, inputs[0])} differs from PyTorch's "
+                f"{tuple(fused_out.shape)}"
             )
         d_fused, d_ref = _max_abs_diff(out, fused_out), _max_abs_diff(out, ref_out)
         if not _within(d_fused, fused_out, atol, rtol):

@@ -410,6 +410,6 @@ def save_config(config: Config, path: Path) -> None:
     """Write the fully resolved config as TOML (re-usable as a recipe)."""
     import tomli_w
 
-    from lightnets.engine.checkpoint import atomic_write_bytes
+    from lightnets.engine.files import atomic_write_bytes
 
     atomic_write_bytes(path, tomli_w.dumps(config.to_dict()).encode())

@@ -6,7 +6,6 @@ it for spreadsheets and is rewritten from it whenever a row brings a new column.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -14,33 +13,18 @@ import math
 import numbers
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lightnets.engine.files import atomic_write_bytes
+
 __all__ = ["MetricsLogger", "ProgressBar", "plot_curves", "read_rows"]
 
 JSONL = "metrics.jsonl"
 CSV = "metrics.csv"
-
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temp file in the same directory, then os.replace: never a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _plain(value: Any) -> Any:
@@ -128,7 +112,7 @@ class MetricsLogger:
             if f.read(1) == b"\n":
                 return
         rows = read_rows(self.jsonl)
-        _atomic_write(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
 
     def _csv_header(self) -> list[str] | None:
         if not self.csv.is_file():
@@ -166,8 +150,8 @@ class MetricsLogger:
 
     def _rewrite(self, rows: list[dict[str, Any]], jsonl: bool = False) -> None:
         if jsonl:
-            _atomic_write(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
-        _atomic_write(self.csv, _csv_text(self._columns, rows))
+            atomic_write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_bytes(self.csv, _csv_text(self._columns, rows))
 
 
 def _is_number(value: Any) -> bool:
@@ -233,7 +217,7 @@ def plot_curves(run_dir: str | Path, out_name: str = "curves.png") -> Path | Non
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     out = run_dir / out_name
-    _atomic_write(out, buf.getvalue())
+    atomic_write_bytes(out, buf.getvalue())
     return out
 
 

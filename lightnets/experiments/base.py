@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightnets.engine.files import atomic_write_bytes
 from lightnets.errors import UserError
 
 __all__ = [
@@ -237,7 +238,7 @@ def prepare_out_dir(
                 )
     out.mkdir(parents=True, exist_ok=True)
     record = {"experiment": experiment, "arguments": settings, "seeds": list(seeds)}
-    _atomic_write_text(out / EXPERIMENT_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_text(out / EXPERIMENT_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def _read_experiment_file(out: Path) -> dict[str, Any] | None:
@@ -256,21 +257,14 @@ def _read_experiment_file(out: Path) -> dict[str, Any] | None:
 
 def write_text(path: Path, text: str) -> None:
     """Write `text` to `path` atomically (temp file + rename), as every results file is."""
-    _atomic_write_text(path, text)
+    atomic_write_bytes(path, text)
 
 
 def save_figure(fig: Any, path: Path) -> None:
     """Save a matplotlib figure to `path` atomically (temp file + rename), at 120 dpi."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    from lightnets.engine.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode())
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- running
@@ -470,7 +464,7 @@ def _run_one(
         row = trainer.fit()
     except NonFiniteError as err:
         reason = str(err).split(";")[0]
-        _atomic_write_text(failed, json.dumps({"reason": reason}) + "\n")
+        write_text(failed, json.dumps({"reason": reason}) + "\n")
         print(f"{tag}: failed ({reason})", flush=True)
         return RunResult(variant, seed, str(run_dir), "failed", reason=reason)
     seconds = time.perf_counter() - start
@@ -659,11 +653,11 @@ def _num(value: float | None) -> str:
 def write_results(results: ExperimentResults) -> None:
     """results.md, results.json, results.csv and results.png in the experiment's out dir."""
     out = Path(results.spec.out)
-    _atomic_write_text(out / "results.md", format_table(results) + "\n")
-    _atomic_write_text(
+    write_text(out / "results.md", format_table(results) + "\n")
+    write_text(
         out / "results.json", json.dumps(_results_dict(results), indent=2, default=str) + "\n"
     )
-    _atomic_write_text(out / "results.csv", _csv_text(results))
+    write_text(out / "results.csv", _csv_text(results))
     plot_results(results, out / "results.png")
 
 

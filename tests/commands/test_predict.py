@@ -151,7 +151,16 @@ def test_predict_errors_exit_2(run_dir, tmp_path, capsys):
 
 def test_export_segmentation_run_onnx(run_dir, tmp_path, capsys):
     """`lightnets export` on a res_unet run: fused ONNX checked by onnxruntime."""
-    pytest.importorskip("onnxruntime")
+    ort = pytest.importorskip("onnxruntime")
     out = tmp_path / "seg.onnx"
     assert main(["export", str(run_dir), "--out", str(out)]) == 0
-    assert out.is_file()
+    assert "any height and width" in capsys.readouterr().out
+    # the file takes any image size (segmentation runs export with symbolic H and W)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    image = np.random.default_rng(0).random((1, 3, 61, 45), dtype=np.float32)
+    assert session.run(None, {"input": image})[0].shape == (1, 2, 61, 45)
+    fixed = tmp_path / "fixed.onnx"
+    assert main(["export", str(run_dir), "--out", str(fixed), "--static-size"]) == 0
+    assert "fixed height and width" in capsys.readouterr().out
+    shape = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"]).get_inputs()[0]
+    assert all(isinstance(n, int) for n in shape.shape[1:])

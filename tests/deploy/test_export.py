@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -171,7 +173,42 @@ def test_bad_arguments(tmp_path):
         export(model, tmp_path / "m.onnx", (1, 0, 12))
     with pytest.raises(UserError, match="does not fit the model"):
         export(model, tmp_path / "m.pt", (1, 3, 12, 12))  # mnist_cnn takes 1 channel
+    with pytest.raises(UserError, match="dynamic_size=True needs spatial axes"):
+        export(create_model("bnn_mnist"), tmp_path / "m.onnx", (1, 10), dynamic_size=True)
     assert not list(tmp_path.iterdir())
+
+
+def test_file_is_readable_like_any_new_file(tmp_path):
+    """The atomic write's temp file must not keep mkstemp's private 0600: a deployed model is
+    read by other users and services (mode 0666 minus the umask, like open() would give)."""
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "m.onnx"
+        export(create_model("mnist_cnn", width=4), path, (1, 1, 12, 12))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temp file left
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_dynamic_size_classifier(tmp_path, fmt):
+    """With dynamic_size a classifier with global pooling takes any image size from the file."""
+    torch.manual_seed(0)
+    model = _with_statistics(create_model("resnet_mini", in_chans=1), (1, 1, 16, 16))
+    path = tmp_path / ("m.onnx" if fmt == "onnx" else "m.ts")
+    result = export(model, path, (1, 1, 16, 16), dynamic_size=True)
+    assert result.dynamic_size and result.checked
+    x = torch.randn(3, 1, 23, 31)
+    with torch.no_grad():
+        ref = model.eval()(x)
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [type(n) for n in session.get_inputs()[0].shape] == [str, int, str, str]
+        out = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    else:
+        out = torch.jit.load(str(path))(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_mismatch_is_an_error_and_writes_nothing(tmp_path, monkeypatch):

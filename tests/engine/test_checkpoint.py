@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -115,3 +116,22 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path):
     set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
     got = (random.random(), np.random.randn(), torch.rand(3))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_atomic_files_respect_the_umask_and_leave_no_temp(tmp_path):
+    """Checkpoints get mode 0666 minus the umask like any new file (mkstemp's 0600 would
+    lock teammates out), and a failed write leaves the old file and no temp file behind."""
+    from lightnets.engine.files import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "last.pt"
+        atomic_torch_save({"x": torch.ones(2)}, path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        with pytest.raises(RuntimeError, match="boom"), atomic_path(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("boom")
+    finally:
+        os.umask(old)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(2))

@@ -3,8 +3,6 @@ any input size, folding and export, argument errors."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -227,25 +225,15 @@ def test_export_onnx_checked_by_onnxruntime(tmp_path):
     assert result.checked and result.format == "onnx"
 
 
-def test_onnx_with_dynamic_height_and_width(tmp_path):
-    """lightnets.export fixes H and W; the model itself exports with symbolic sizes, because the
-    resize reads the skip's size at run time."""
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+def test_onnx_with_dynamic_height_and_width(tmp_path, exporter):
+    """export(dynamic_size=True) leaves H and W symbolic: the resize reads the skip's size at
+    run time, so one file predicts on any image size, odd ones included."""
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    model = ln.fuse(ln.create_model("res_unet", fusion="gate", widths=SMALL))
+    model = ln.create_model("res_unet", fusion="gate", widths=SMALL).eval()
     path = tmp_path / "dyn.onnx"
-    axes = {0: "batch", 2: "height", 3: "width"}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.randn(1, 3, 125, 125),),
-            str(path),
-            dynamo=False,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": axes, "output": axes},
-        )
+    ln.export(model, path, (1, 3, 64, 64), dynamic_size=True, exporter=exporter)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for size in ((2, 3, 97, 131), (1, 3, 17, 140), (1, 3, 250, 250)):
         x = torch.randn(size)

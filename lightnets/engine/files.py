@@ -1,0 +1,55 @@
+"""Atomic file writes: a reader (or a killed run) never sees half a file.
+
+Everything a run or an export writes goes to a temporary file in the destination's directory
+and is moved into place with os.replace. The temporary file is created with mode 0666 minus
+the umask, like any file a program opens for writing: tempfile.mkstemp's private 0600 would
+leave checkpoints and exported models unreadable to the rest of a team.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write_bytes"]
+
+
+def _new_temp_beside(path: Path) -> Path:
+    """Create an empty, uniquely named file next to `path` (O_EXCL: never an existing one)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary file next to {path}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and moved onto `path`.
+
+    With replace=False the caller moves it (or not) itself; the temporary file is removed
+    whenever it is still there at the end, so an exception leaves `path` as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_temp_beside(path)
+    try:
+        yield tmp
+        if replace:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | Path, data: str | bytes) -> None:
+    """Write `data` (text is UTF-8 encoded) to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
