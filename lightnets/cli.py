@@ -38,7 +38,12 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------- train
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe name (see `lightnets train --list`) or TOML path")
+    p.add_argument(
+        "recipe", nargs="?", help="recipe name (see `lightnets train --list`) or TOML path"
+    )
+    p.add_argument(
+        "--list", action="store_true", help="list the shipped recipes (model, data, purpose)"
+    )
     _add_set(p)
     p.add_argument("--out", type=Path, help="run directory (default: runs/<recipe name>)")
     group = p.add_mutually_exclusive_group()
@@ -56,6 +61,11 @@ def train_command(args: argparse.Namespace) -> int:
     from lightnets.engine.distributed import shutdown_distributed
     from lightnets.engine.trainer import Trainer
 
+    if args.list:
+        print(_recipe_table())
+        return 0
+    if args.recipe is None:
+        raise UserError("train: expected a recipe name or TOML path (`lightnets train --list`)")
     if args.resume:
         run_dir = args.out or _default_run_dir(load_config(args.recipe))
         saved = run_dir / "config.toml"
@@ -71,6 +81,19 @@ def train_command(args: argparse.Namespace) -> int:
         print(json.dumps({"run_dir": str(run_dir), **_plain(row)}))
     shutdown_distributed()
     return 0
+
+
+def _recipe_table() -> str:
+    """One line per shipped recipe: name, model on dataset, the header comment's first line."""
+    from lightnets.engine.config import list_recipes, load_config, recipe_path
+
+    lines = []
+    for name in list_recipes():
+        config = load_config(name)
+        header = recipe_path(name).read_text().splitlines()[0].lstrip("# ").strip()
+        what = f"{config.model.name} on {config.data.name}"
+        lines.append(f"{name:<22} {what:<34} {header}")
+    return "\n".join(lines)
 
 
 def _default_run_dir(config) -> Path:
@@ -145,9 +168,14 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 def demo_command(args: argparse.Namespace) -> int:
     from lightnets.demo import run_demo
 
-    overrides = list(args.overrides)
+    overrides = []
     if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
+        if args.epochs < 1:
+            raise UserError(f"--epochs {args.epochs}: expected at least 1")
+        # The recipe warms up over 60 steps, one of its 4 epochs (62 steps each); a shorter
+        # demo keeps that quarter, or it would end at the peak lr with nothing learned.
+        overrides += [f"train.epochs={args.epochs}", f"schedule.warmup={min(60, 15 * args.epochs)}"]
+    overrides += args.overrides  # --set wins
     if args.no_progress:
         overrides.append("train.progress=false")
     run_dir = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")

@@ -29,11 +29,17 @@ def _logits(fn, loader, augment) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(outs), torch.cat(targets)
 
 
+def _norm_label(config) -> str:
+    """What normalizes the demo model's grouped layers: FBN with G = 1 is plain BN."""
+    groups = config.model.args.get("fbn_groups", 1)
+    return "BN (fbn_groups=1)" if groups == 1 else f"FBN G={groups}"
+
+
 def run_demo(run_dir: Path, overrides: list[str] = ()) -> dict[str, float]:
     """Train, fuse, export and check; print a summary and return its numbers."""
     config = load_config("mnist_demo", list(overrides))
     print(
-        f"lightnets demo: {config.model.name} with FBN G={config.model.args.get('fbn_groups')} "
+        f"lightnets demo: {config.model.name} with {_norm_label(config)} "
         f"on {config.data.name} (CPU) -> {run_dir}"
     )
     start = time.perf_counter()
@@ -85,7 +91,7 @@ def run_demo(run_dir: Path, overrides: list[str] = ()) -> dict[str, float]:
     print()
     print("summary")
     print(
-        f"  model          {config.model.name}, FBN G={config.model.args.get('fbn_groups')}, "
+        f"  model          {config.model.name}, {_norm_label(config)}, "
         f"trained {trainer.epoch} epochs in {train_seconds:.0f} s"
     )
     print(

@@ -86,9 +86,24 @@ def test_help_for_every_command():
         assert result.returncode == 0 and "usage: lightnets" in result.stdout
 
 
+def test_train_list_names_every_shipped_recipe(capsys):
+    from lightnets.engine.config import list_recipes
+
+    assert main(["train", "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list_recipes()
+    assert any(line.split()[1:4] == ["finet_small", "on", "mnist5k"] for line in lines)
+    assert main(["train"]) == 2
+    assert "expected a recipe name" in capsys.readouterr().err
+
+
 def test_demo_short(tmp_path, capsys):
     assert main(["demo", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and "params" in out and "onnxruntime check passed" in out
+    # one epoch learns (the warm-up shrinks with it), and fusion and ONNX change no prediction
+    line = next(x for x in out.splitlines() if x.strip().startswith("test accuracy"))
+    trained, fused, onnx = (float(w.rstrip("%")) for w in line.split() if w.endswith("%"))
+    assert trained == fused == onnx and trained > 25.0
     assert "norm layers left after fusion: 0" in out
     assert (tmp_path / "d" / "curves.png").is_file()

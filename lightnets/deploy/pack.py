@@ -709,6 +709,12 @@ def save_packed(
     from lightnets import __version__
     from lightnets.engine.checkpoint import atomic_torch_save
 
+    if Path(path).suffix.lower() == ".safetensors":  # torch.load would then refuse to read it
+        raise UserError(
+            f"save_packed: {path} names a safetensors file, but a packed model is a "
+            "weights-only torch file (tensors plus the config that rebuilds it): expected a "
+            "path ending in .pt"
+        )
     if any(is_binary_layer(m) for m in model.modules()):
         model = pack_binary(model)
     elif not any(is_packed_layer(m) for m in model.modules()):

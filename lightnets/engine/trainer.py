@@ -556,9 +556,19 @@ class Trainer:
         n = y.shape[0]
         self.train_sums["loss"] += loss_value * n
         self.train_sums["n"] += n
-        if self.config.train.task == "classification":
-            self.train_sums["correct"] += float((output.argmax(1) == y).sum())
+        self.train_sums["correct"] += self._correct(output.detach(), y)
         return {"loss": loss_value, "grad_norm": float(grad_norm), "output": output.detach()}
+
+    def _correct(self, output: torch.Tensor, y: torch.Tensor) -> float:
+        """Correct samples in the batch; for segmentation each image counts its fraction of
+        correct labelled pixels, so correct / n is the training pixel accuracy."""
+        hit = output.argmax(1) == y
+        if self.config.train.task == "classification":
+            return float(hit.sum())
+        ignore = self.config.train.ignore_index
+        valid = torch.ones_like(hit) if ignore is None else y != ignore
+        per_image = (hit & valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
+        return float(per_image.sum())
 
     def _flip_list(self) -> list[int]:
         """This epoch's per-step flip counts as ints (one device sync for all of them)."""
@@ -601,8 +611,8 @@ class Trainer:
             row["lr"] = real.param_groups[0]["lr"]
         row["train_loss"] = sums["loss"] / max(sums["n"], 1)
         row["images_per_s"] = images_per_s
-        if self.config.train.task == "classification":
-            row["train_acc1"] = sums["correct"] / max(sums["n"], 1) * 100
+        accuracy = "train_acc1" if self.config.train.task == "classification" else "train_pixel_acc"
+        row[accuracy] = sums["correct"] / max(sums["n"], 1) * 100
         row.update(flip_columns)
         last = self.epoch >= self.epochs or self._done_steps()
         if "val" in self.loaders and (self.epoch % self.config.train.eval_every == 0 or last):

@@ -152,3 +152,10 @@ def test_two_segmentation_steps_on_synthetic_buildings(tmp_path):
     assert row["step"] == 2 and np.isfinite(row["train_loss"])
     assert {"val_miou", "val_pixel_acc", "val_mean_acc"} <= set(row)
     assert 0.0 <= row["val_pixel_acc"] <= 100.0
+    assert 0.0 < row["train_pixel_acc"] <= 100.0  # the progress bar's acc, not a constant 0
+    # by hand: image 0 has 3 of 4 pixels right, image 1 has its one labelled pixel right
+    logits = torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]])  # class 1
+    output = torch.stack([logits, logits])
+    target = torch.tensor([[[1, 1], [1, 0]], [[255, 255], [1, 255]]])
+    trainer.config.train.ignore_index = 255
+    assert trainer._correct(output, target) == pytest.approx(0.75 + 1.0)

@@ -471,6 +471,9 @@ def test_bad_files_are_user_errors(tmp_path):
     torch.save(raw, tmp_path / "badbits.pt")
     with pytest.raises(UserError, match="expected uint8"):
         load_packed(tmp_path / "badbits.pt")
+    with pytest.raises(UserError, match=r"safetensors file.*expected a path ending in \.pt"):
+        save_packed(ln.create_model("bnn_mnist"), tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------- export
