@@ -64,6 +64,7 @@ class Profile:
     table: list[LayerRow] = field(default_factory=list)
     input_size: tuple[int, ...] = ()
     fused_by: str = "analytic"
+    binary_weights: int = 0  # weights the packed model stores as bits (binary models)
 
     def format(self, max_rows: int | None = None) -> str:
         """An aligned text table of the layers followed by the totals."""
@@ -99,6 +100,8 @@ class Profile:
             f"fused MACs      {self.fused_macs:,} ({format_count(self.fused_macs)})"
             f"  [{self.fused_by}]",
         ]
+        if self.binary_weights:
+            out.append(f"binary weights  {self.binary_weights:,} of the fused params (1 bit each)")
         return "\n".join(out)
 
     def __str__(self) -> str:
@@ -123,13 +126,15 @@ def format_count(n: float) -> str:
 
 def profile(
     model: nn.Module,
-    input_size: Sequence[int] = (1, 3, 224, 224),
+    input_size: int | Sequence[int] = (1, 3, 224, 224),
     device: str | torch.device = "cpu",
 ) -> Profile:
     """Parameters and MACs of `model` for an input of `input_size` (see the module docstring).
 
-    The model is run once in eval mode under no_grad (its train/eval flags are restored
-    afterwards; it is copied first only if it is not on `device`), and its fused copy once.
+    input_size: a full shape, or one int S for (1, 3, S, S). The model is run once in eval
+    mode under no_grad (its train/eval flags are restored afterwards; it is copied first only
+    if it is not on `device`), and its deployable copy once: fused (lightnets.fuse), or for a
+    binary model packed (lightnets.pack_binary: weights as bits, BN folded into them).
     """
     size = _check_size(input_size)
     device = torch.device(device)
@@ -138,20 +143,28 @@ def profile(
 
     fused_by = "analytic"
     fused_params, fused_macs = m.params - m.fold_removed + m.fold_added, m.macs
-    fuse = _find_fuse()
-    if fuse is not None:
+    binary_weights = 0
+    deploy, deploy_name = _find_deploy(run_model)
+    if deploy is not None:
         try:
-            fused_model = fuse(run_model)
+            with warnings.catch_warnings():
+                # fuse's note on BN it keeps after binary layers: packing folds them instead
+                warnings.simplefilter("ignore", UserWarning)
+                fused_model = deploy(run_model)
             f = _measure(fused_model, size, device)
         except Exception as exc:  # a broken fuse must not break profiling
             warnings.warn(
-                f"lightnets.deploy.fuse failed ({type(exc).__name__}: {exc}); fused counts are "
+                f"{deploy_name} failed ({type(exc).__name__}: {exc}); fused counts are "
                 "computed analytically",
                 RuntimeWarning,
                 stacklevel=2,
             )
         else:
-            fused_params, fused_macs, fused_by = f.params, f.macs, "lightnets.deploy.fuse"
+            fused_params, fused_macs, fused_by = f.params, f.macs, deploy_name
+            binary_weights, packed_floats = _packed_values(fused_model)
+            # a packed layer keeps its weights (as bits) and folded BN (scale, shift) in
+            # buffers: they are the model's parameters all the same
+            fused_params += binary_weights + packed_floats
     return Profile(
         params=m.params,
         macs=m.macs,
@@ -160,6 +173,7 @@ def profile(
         table=m.rows,
         input_size=size,
         fused_by=fused_by,
+        binary_weights=binary_weights,
     )
 
 
@@ -175,12 +189,15 @@ class _Measured:
     fold_added: int  # bias parameters that folding adds
 
 
-def _check_size(input_size: Sequence[int]) -> tuple[int, ...]:
+def _check_size(input_size: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(input_size, int) and not isinstance(input_size, bool) and input_size >= 1:
+        return (1, 3, input_size, input_size)  # as the CLI's --input 224
     ok = isinstance(input_size, Sequence) and len(input_size) > 0
     ok = ok and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in input_size)
     if not ok:
         raise UserError(
-            f"input_size must be positive ints like (1, 3, 224, 224), got {input_size!r}"
+            f"input_size must be positive ints like (1, 3, 224, 224), or one int S for "
+            f"(1, 3, S, S), got {input_size!r}"
         )
     return tuple(input_size)
 
@@ -196,12 +213,30 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.index is None or b.index is None or a.index == b.index
 
 
-def _find_fuse():
+def _find_deploy(model: nn.Module):
+    """(function, its name) that makes the inference form of `model`, or (None, "")."""
     try:
         from lightnets.deploy.fuse import fuse
+        from lightnets.deploy.pack import is_binary_layer, pack_binary
     except ImportError:
-        return None
-    return fuse
+        return None, ""
+    if any(is_binary_layer(m) for m in model.modules()):
+        return pack_binary, "lightnets.pack_binary"
+    return fuse, "lightnets.deploy.fuse"
+
+
+def _packed_values(model: nn.Module) -> tuple[int, int]:
+    """(weights stored as bits, real numbers kept in buffers) of the packed layers."""
+    from lightnets.deploy.pack import is_packed_layer, packed_weight_count
+
+    floats = sum(
+        b.numel()
+        for m in model.modules()
+        if is_packed_layer(m)
+        for b in m.buffers(recurse=False)
+        if b.is_floating_point()
+    )
+    return packed_weight_count(model), floats
 
 
 def _fbn_class() -> type | None:
@@ -272,7 +307,15 @@ def _measure(model: nn.Module, size: tuple[int, ...], device: torch.device) -> _
     try:
         model.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
+            try:
+                model(x)
+            except (RuntimeError, ValueError, TypeError) as err:  # torch layers raise all three
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise UserError(
+                    f"input_size {'x'.join(map(str, size))} does not fit {type(model).__name__} "
+                    f"({first[:200]}): expected the input the model takes, e.g. (1, in_chans, "
+                    "H, W)"
+                ) from None
     finally:
         for h in handles:
             h.remove()

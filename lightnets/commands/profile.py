@@ -66,12 +66,10 @@ def profile_command(args: argparse.Namespace) -> int:
 
     try:
         prof = profile(model, size)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"--input {'x'.join(map(str, size))} does not fit model {name} ({first[:200]}): "
-            "expected a size the model takes"
-        ) from None
+    except UserError as err:
+        if "does not fit" not in str(err):
+            raise
+        raise UserError(f"--input: {err}") from None
 
     if args.json:
         out = {
@@ -83,6 +81,7 @@ def profile_command(args: argparse.Namespace) -> int:
             "fused_params": prof.fused_params,
             "fused_macs": prof.fused_macs,
             "fused_by": prof.fused_by,
+            "binary_weights": prof.binary_weights,
         }
         if source is not None:
             out["checkpoint"] = source
@@ -115,6 +114,12 @@ def profile_command(args: argparse.Namespace) -> int:
         f"  MACs           {format_count(prof.macs)} MACs training-time, "
         f"{format_count(prof.fused_macs)} MACs fused"
     )
+    if prof.binary_weights:
+        bits = prof.binary_weights
+        print(
+            f"  binary         {bits:,} of the fused params are 1-bit weights ({prof.fused_by}): "
+            f"{format_count(bits / 8)}B instead of {format_count(bits * 4)}B as float32"
+        )
     return 0
 
 

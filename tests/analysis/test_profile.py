@@ -120,7 +120,7 @@ def test_hand_counted_tiny_model(impl):
 
 
 def test_analytic_fused_counts_without_deploy_fuse(monkeypatch):
-    monkeypatch.setattr(PROFILE_MODULE, "_find_fuse", lambda: None)
+    monkeypatch.setattr(PROFILE_MODULE, "_find_deploy", lambda model: (None, ""))
     p = profile(_tiny(), (2, 3, 10, 10))
     assert p.fused_by == "analytic"
     assert (p.fused_params, p.fused_macs) == (TINY_FUSED, p.macs)
@@ -141,7 +141,7 @@ def test_deploy_fuse_agrees_with_analytic(monkeypatch):
     model = finet.finet_large_se(fbn_groups=4, num_classes=10)
     fused = profile(model, (1, 3, 32, 32))
     assert fused.fused_by == "lightnets.deploy.fuse"
-    monkeypatch.setattr(PROFILE_MODULE, "_find_fuse", lambda: None)
+    monkeypatch.setattr(PROFILE_MODULE, "_find_deploy", lambda model: (None, ""))
     analytic = profile(model, (1, 3, 32, 32))
     assert (fused.fused_params, fused.fused_macs) == (analytic.fused_params, analytic.fused_macs)
 
@@ -190,6 +190,30 @@ def test_format_count(n, text):
 def test_bad_input_size(size):
     with pytest.raises(UserError, match="input_size"):
         profile(nn.Conv2d(3, 3, 1), size)
+
+
+def test_one_int_is_a_square_rgb_image_and_a_misfit_is_one_error():
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    assert profile(conv, 10).input_size == (1, 3, 10, 10)
+    assert profile(conv, 10).macs == 4 * 3 * 9 * 8 * 8
+    bn = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    with pytest.raises(UserError, match=r"input_size 3x8x8 does not fit Sequential \(expected"):
+        profile(bn, (3, 8, 8))  # BatchNorm2d raises a ValueError, not a RuntimeError
+
+
+def test_binary_model_is_profiled_packed():
+    """A binary model deploys packed: its fused form holds the same numbers, the binary
+    weights as bits and BN folded into scale / shift, and the profile says how many bits."""
+    from lightnets.models.binarynet import bnn_mnist
+
+    prof = profile(bnn_mnist(), (1, 1, 28, 28))
+    convs = 1 * 32 * 9 + 32 * 64 * 9 + 64 * 64 * 9
+    fcs = 64 * 64 + 64 * 10  # the 1x1x64 map flattened into 64, then 64 into 10
+    assert prof.binary_weights == convs + fcs
+    bn = 2 * (32 + 64 + 64 + 64 + 10)
+    assert prof.params == convs + fcs + bn == prof.fused_params
+    assert prof.fused_by == "lightnets.pack_binary" and prof.fused_macs == prof.macs
+    assert "1 bit each" in prof.format()
 
 
 class _ListNet(nn.Module):
