@@ -35,6 +35,7 @@ and mode, see lightnets.nn.binary), `real_parameters(model)` every other trainab
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -119,6 +120,18 @@ def _windows(
         yield list(ps), list(gs), list(ms)
 
 
+_NAMES_HINT = (
+    "; pass (name, tensor) pairs, e.g. lightnets.optim.named_binary_parameters(model), "
+    "for errors that name the parameter"
+)
+
+
+def _is_binary_weight(p: Tensor) -> bool:
+    from lightnets.nn.binary import is_binary_parameter
+
+    return is_binary_parameter(p)
+
+
 class Bop(torch.optim.Optimizer):
     """Binary optimizer (paper 004, eq. 5-6): flip +1/-1 weights on a strong, consistent average.
 
@@ -176,6 +189,16 @@ class Bop(torch.optim.Optimizer):
                     f"Bop: {self._describe(i, index, p, names)} has values other than +1/-1: "
                     "expected binary weights (e.g. lightnets.optim.binary_parameters(model), "
                     "the weights of BinaryConv2d/BinaryLinear with mode='bop')"
+                    + ("" if names else _NAMES_HINT)
+                )
+            if p.numel() > 1 and bool((p == 1).all()) and not _is_binary_weight(p):
+                warnings.warn(
+                    f"Bop: {self._describe(i, index, p, names)} is +1 everywhere, like a "
+                    "freshly initialised norm weight and unlike a binary weight (the sign of a "
+                    "He-normal draw has both signs): pass lightnets.optim.binary_parameters("
+                    "model), not model.parameters()" + ("" if names else _NAMES_HINT),
+                    UserWarning,
+                    stacklevel=3,
                 )
 
     @staticmethod

@@ -6,6 +6,7 @@ import copy
 import functools
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -425,11 +426,14 @@ def test_fuse_leaves_binary_layers_and_profile_counts_them():
     x = torch.randn(3, 1, 4, 4)
     assert torch.equal(fused(x), model(x))
     assert isinstance(fused[0], BinaryConv2d) and bool((fused[0].weight.abs() == 1).all())
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # profiled packed: nothing to warn about
         prof = ln.profile(model, (1, 1, 4, 4))
     # conv: 16 pixels x 4 outputs x 9 taps; linears 64 x 10 and 10 x 2
-    assert prof.macs == 16 * 4 * 9 + 64 * 10 + 10 * 2
+    assert prof.macs == prof.fused_macs == 16 * 4 * 9 + 64 * 10 + 10 * 2
     assert prof.params == sum(p.numel() for p in model.parameters())
+    assert prof.binary_weights == 4 * 9 + 64 * 10 + 10 * 2  # every layer is binary here
+    assert prof.fused_by == "lightnets.pack_binary"
 
 
 # ----------------------------------------------------------------------------- property

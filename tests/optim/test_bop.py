@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -271,16 +272,16 @@ def test_step_decay_of_gamma_through_the_scheduler():
 
 
 def test_threshold_follows_a_schedule_too():
-    w = nn.Parameter(torch.ones(4))
+    w = nn.Parameter(torch.tensor([1.0, -1.0, 1.0, -1.0]))
     opt = Bop([w], threshold=1.0, gamma=1.0)
     sched = build_schedule(opt, "step", total_steps=10, step_size=1, gamma=0.1, keys=("threshold",))
-    w.grad = torch.full((4,), 0.5)  # m = g = 0.5 (gamma = 1)
+    w.grad = 0.5 * w.detach().clone()  # m = g = 0.5 w (gamma = 1): every weight wants to flip
     opt.step()
     assert opt.last_flips == 0  # 0.5 > 1 fails
     sched.step()
     assert opt.param_groups[0]["threshold"] == pytest.approx(0.1)
     opt.step()
-    assert opt.last_flips == 4 and w.tolist() == [-1.0] * 4
+    assert opt.last_flips == 4 and w.tolist() == [-1.0, 1.0, -1.0, 1.0]
 
 
 def test_log_flip_ratio():
@@ -295,6 +296,7 @@ def test_log_flip_ratio():
 
 def test_non_binary_parameter_is_named():
     good, bad = torch.ones(3, 4), torch.ones(2, 5)
+    good[0, 0] = -1.0
     bad[1, 2] = 0.5
     with pytest.raises(UserError, match=r"parameter 1 of param group 0 \(shape \(2, 5\)\)"):
         Bop([nn.Parameter(good), nn.Parameter(bad)])
@@ -303,6 +305,20 @@ def test_non_binary_parameter_is_named():
     opt = Bop([nn.Parameter(good)])
     with pytest.raises(UserError, match="parameter 0 of param group 1"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(UserError, match="pass \\(name, tensor\\) pairs"):
+        Bop([nn.Parameter(bad)])  # without names, the error says how to get them
+
+
+def test_model_parameters_by_mistake_warns_at_the_first_norm_weight():
+    """Bop(model.parameters()) would train BN's gamma (all +1 at init) by flipping it: the
+    first such tensor gets a warning pointing to binary_parameters; the real split does not."""
+    model = ln.create_model("bnn_mnist", mode="bop")
+    with pytest.warns(UserWarning, match=r"parameter 1 .*\+1 everywhere.*binary_parameters"):
+        with pytest.raises(UserError):  # ... and a BN bias (0) is then refused outright
+            Bop(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Bop(binary_parameters(model))
     with pytest.raises(UserError, match="dtype torch.int64"):
         Bop([torch.ones(2, dtype=torch.int64)])
     model = nn.Sequential(BinaryLinear(3, 2), nn.BatchNorm1d(2))
