@@ -212,6 +212,33 @@ def test_hparams_toy_run(tmp_path):
         assert row["log_flip_ratio"] >= math.log(1e-9) - 1e-9
 
 
+def test_hparams_on_cifar_keeps_gamma_constant_and_runs_to_the_end(tmp_path):
+    """binarynet_cifar decays gamma every 100 epochs and stops after 10 flip-free epochs;
+    Fig. 2 compares constant gammas over whole runs, so bop-hparams turns both off."""
+    from lightnets.engine.config import load_config
+    from lightnets.experiments.bop import hparams_spec
+
+    args = _args("bop-hparams", "--data", "cifar10", "--root", str(tmp_path), *_common(tmp_path))
+    spec, _, _ = hparams_spec(args)
+    config = load_config(spec.recipe, [*spec.base_overrides, *spec.variants[0].overrides])
+    assert config.binary_schedule.name == "constant"
+    assert config.train.stop_after_flipless_epochs is None
+    assert any("no early stop" in note for note in spec.notes)
+    user = _args(
+        "bop-hparams",
+        "--data",
+        "cifar10",
+        "--root",
+        str(tmp_path),
+        "--set",
+        "train.stop_after_flipless_epochs=3",
+        "--out",
+        str(tmp_path),
+    )  # --set wins
+    spec, _, _ = hparams_spec(user)
+    assert load_config(spec.recipe, spec.base_overrides).train.stop_after_flipless_epochs == 3
+
+
 def test_gaussian_smooth_matches_scipy():
     ndimage = pytest.importorskip("scipy.ndimage")
     g = torch.Generator().manual_seed(0)
