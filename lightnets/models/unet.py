@@ -20,7 +20,8 @@ checked against Table I in docs/unet-profile.md):
 - head: 1x1 conv (with bias) to `num_classes` (2) logits at the input's resolution.
 
 `fusion`: "concat" (baseline), "alpha" (alpha * skip; `alpha`, default 0.5), "beta"
-(beta * decoder feature; `beta`, default 0.1), "dynamic" (+480 parameters), "gate" (+349,600;
+(beta * decoder feature; `beta`, default 0.1; "alpha" and "beta" take both constants, e.g.
+alpha=0.5, beta=0.1), "dynamic" (+480 parameters), "gate" (+349,600;
 `gate="spatial"` for one gate channel). `bn_weight_init`: "normal" draws every norm layer's
 weight (gamma) from N(0, 1) as in Table I; "ones" sets it to 1 as in Table II. Norm biases are
 zero; convs are Kaiming-normal (fan-out). `norm` (with `norm_kwargs`) picks the norm layers,
@@ -302,7 +303,8 @@ def res_unet(
     """Residual U-Net (§III.C): 5,246,370 parameters (paper 5.11M), 2.07 GMACs at 125x125.
 
     fusion: "concat" | "alpha" (alpha, default 0.5) | "beta" (beta, default 0.1) | "dynamic"
-    (+480 parameters) | "gate" (+349,600; gate="channel" | "spatial").
+    (+480 parameters) | "gate" (+349,600; gate="channel" | "spatial"). "alpha" and "beta"
+    take both constants (the other one defaults to 1).
     """
     return ResUNet(
         num_classes=num_classes,

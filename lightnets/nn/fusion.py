@@ -203,8 +203,9 @@ def make_fusion(
     "concat": plain concatenation (`WeightedConcat` with alpha = beta = 1, so its state_dict
     has the same keys as the weighted kinds); "alpha": `WeightedConcat(alpha)` (default 0.5),
     "beta": `WeightedConcat(beta=beta)` (default 0.1); "dynamic": `DynamicWeight`; "gate":
-    `GatedFusion` with `gate` "channel" | "spatial". alpha is accepted only by "alpha", beta
-    only by "beta" (None means the default); anything else is a UserError.
+    `GatedFusion` with `gate` "channel" | "spatial". "alpha" and "beta" take both constants
+    (None means the kind's default: 0.5 / 0.1 for its own constant, 1 for the other), so
+    fusion="alpha", alpha=0.5, beta=0.1 weights both inputs; the other kinds take neither.
     """
     if not isinstance(kind, str) or kind not in FUSION_KINDS:
         raise UserError(
@@ -214,23 +215,22 @@ def make_fusion(
     where = f"fusion {kind!r}"
     skip_channels = _check_channels(skip_channels, "skip_channels", where)
     up_channels = _check_channels(up_channels, "up_channels", where)
-    for name, value, owner in (("alpha", alpha, "alpha"), ("beta", beta, "beta")):
-        if value is not None and kind != owner:
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if value is not None and kind not in ("alpha", "beta"):
             raise UserError(
-                f"{where} takes no {name} (got {name}={value!r}): {name} is the constant of "
-                f"fusion {owner!r}; expected fusion={owner!r} or no {name}"
+                f"{where} takes no {name} (got {name}={value!r}): {name} is a constant of the "
+                "weighted concatenation; expected fusion='alpha' or 'beta', or no "
+                f"{name}"
             )
     if kind != "gate" and gate != "channel":
         raise UserError(f"{where} takes no gate (got gate={gate!r}): expected fusion='gate'")
     if kind == "concat":
         return WeightedConcat(1.0, 1.0)
-    if kind == "alpha":
+    if kind in ("alpha", "beta"):  # both constants may be set; the kind picks the defaults
+        alpha = (DEFAULT_ALPHA if kind == "alpha" else 1.0) if alpha is None else alpha
+        beta = (DEFAULT_BETA if kind == "beta" else 1.0) if beta is None else beta
         return WeightedConcat(
-            alpha=_check_weight(DEFAULT_ALPHA if alpha is None else alpha, "alpha", where)
-        )
-    if kind == "beta":
-        return WeightedConcat(
-            beta=_check_weight(DEFAULT_BETA if beta is None else beta, "beta", where)
+            alpha=_check_weight(alpha, "alpha", where), beta=_check_weight(beta, "beta", where)
         )
     if kind == "dynamic":
         return DynamicWeight(skip_channels)

@@ -259,7 +259,7 @@ def test_make_fusion_kinds():
             lambda: make_fusion("concat", 8, 16, alpha=0.5),
             "takes no alpha.*expected fusion='alpha'",
         ),
-        (lambda: make_fusion("alpha", 8, 16, beta=0.5), "takes no beta.*expected fusion='beta'"),
+        (lambda: make_fusion("gate", 8, 16, beta=0.5), "takes no beta.*expected fusion='alpha'"),
         (lambda: make_fusion("dynamic", 8, 16, gate="spatial"), "takes no gate"),
         (
             lambda: make_fusion("alpha", 8, 16, alpha=0),
@@ -283,3 +283,15 @@ def test_make_fusion_kinds():
 def test_bad_arguments_are_user_errors(call, match):
     with pytest.raises(UserError, match=match):
         call()
+
+
+def test_alpha_and_beta_together():
+    """Both constants on one concatenation (the kind picks the default of the one not given)."""
+    both = make_fusion("alpha", 8, 16, beta=0.1)
+    assert (float(both.alpha), float(both.beta)) == (0.5, pytest.approx(0.1))
+    assert (float(make_fusion("beta", 8, 16).alpha), float(make_fusion("beta", 8, 16).beta)) == (
+        1.0,
+        pytest.approx(0.1),
+    )
+    skip, up = torch.randn(2, 8, 5, 5), torch.randn(2, 16, 5, 5)
+    torch.testing.assert_close(both(skip, up), torch.cat([0.5 * skip, 0.1 * up], 1))
