@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -125,6 +126,12 @@ def eval_command(args: argparse.Namespace) -> int:
     path = args.checkpoint
     if path.is_dir():
         path = path / ("best.pt" if args.best else "last.pt")
+    model_keys = [o.split("=", 1)[0] for o in args.overrides if o.startswith("model.")]
+    if model_keys:  # the model is the checkpoint's: its weights fit no other
+        raise UserError(
+            f"eval --set {model_keys[0]}: the model is rebuilt from the checkpoint, so model.* "
+            "cannot be changed here: expected data.* or train.* keys (e.g. data.root=...)"
+        )
     ckpt = load_checkpoint(path)
     config = load_config(ckpt["config"], args.overrides)
     split = args.split or config.data.val_split or "test"
@@ -237,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"lightnets {args.command}: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
+            print(f"lightnets {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lightnets {args.command}: interrupted", file=sys.stderr)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from lightnets.cli import main
-from tests.conftest import TINY, run_cli
+from tests.conftest import REPO, TINY, run_cli
 
 
 def _sets(items):
@@ -78,6 +81,8 @@ def test_train_one_epoch_then_eval(tmp_path, capsys):
     assert main(["eval", str(run), "--split", "test"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["acc1"] == pytest.approx(summary["val_acc1"], abs=1e-6)
+    assert main(["eval", str(run), "--set", "model.args.width=8"]) == 2
+    assert "model.* cannot be changed here" in capsys.readouterr().err
 
 
 def test_help_for_every_command():
@@ -107,3 +112,25 @@ def test_demo_short(tmp_path, capsys):
     assert trained == fused == onnx and trained > 25.0
     assert "norm layers left after fusion: 0" in out
     assert (tmp_path / "d" / "curves.png").is_file()
+
+
+def test_under_torchrun_only_rank_0_prints_a_user_error(monkeypatch, capsys):
+    """Every rank fails alike on a bad recipe: the error is said once, all exit with 2."""
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "no_such_recipe"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "no_such_recipe"]) == 2
+    assert "unknown recipe 'no_such_recipe'" in capsys.readouterr().err
+
+
+def test_import_needs_no_torchvision_or_timm(tmp_path):
+    """They cannot load next to the CPU build here; users without them must lose nothing.
+    Stand-ins that fail on import are put first on the path, so any import of them shows."""
+    for name in ("torchvision", "timm"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('{name} imported')\n")
+    code = "import lightnets, lightnets.models, lightnets.deploy, lightnets.data, lightnets.cli"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -32,7 +32,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightnets.deploy.fuse import find_pairs, is_foldable_linear, is_foldable_norm, set_module
+from lightnets.deploy.fuse import (
+    UNPAIRED_REASONS,
+    find_pairs,
+    is_foldable_linear,
+    is_foldable_norm,
+    set_module,
+)
 from lightnets.errors import UserError, did_you_mean
 from lightnets.nn.fbn import IMPLS, FBNConv2d
 from lightnets.nn.norm import BatchRenorm, FrozenBatchNorm, make_norm
@@ -130,7 +136,17 @@ def _convert_fbn(
         )
 
     indivisible, unsupported, grouped, plan = [], [], [], []
-    for conv_name, bn_name in find_pairs(model, _is_conv2d, _is_bn2d):
+    pairs = find_pairs(model, _is_conv2d, _is_bn2d)
+    paired = {bn_name for _, bn_name in pairs}
+    unpaired = [n for n, m in model.named_modules() if _is_bn2d(m) and n not in paired]
+    if unpaired and not pairs:
+        raise UserError(
+            f"convert_norm(kind='fbn') found no Conv2d -> BatchNorm2d pair in "
+            f"{type(model).__name__}, though it has {len(unpaired)} BatchNorm2d layer(s) "
+            f"({', '.join(unpaired[:5])}{', ...' if len(unpaired) > 5 else ''}): expected each "
+            f"BN to be fed only by a conv ({UNPAIRED_REASONS})"
+        )
+    for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         if bn.num_features != conv.out_channels:
             continue
@@ -163,6 +179,11 @@ def _convert_fbn(
         )
     if unsupported:
         problems.append(f"{len(unsupported)} unsupported conv(s): {', '.join(unsupported)}")
+    if unpaired:
+        problems.append(
+            f"{len(unpaired)} BatchNorm2d layer(s) with no conv found before them: "
+            f"{', '.join(unpaired)} ({UNPAIRED_REASONS})"
+        )
     if problems:
         message = "convert_norm(kind='fbn') left Conv2d+BatchNorm2d as they were for " + "; ".join(
             problems

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightnets.errors import UserError
 from lightnets.nn.fbn import FBNConv2d
 from lightnets.nn.norm import BatchRenorm, FrozenBatchNorm
 
@@ -151,6 +152,14 @@ def _find(module, prefix, is_first, is_second) -> list[tuple[str, str]]:
         return list(_pairs_fallback(module, prefix, is_first, is_second))
 
 
+#: Why find_pairs may miss a norm layer, for the warnings of fuse and convert_norm.
+UNPAIRED_REASONS = (
+    "no running statistics, not fed only by a conv/linear, or inside a module whose forward "
+    "torch.fx cannot trace and whose layers are not in an nn.Sequential: make that forward "
+    "traceable or put each conv and its norm in an nn.Sequential"
+)
+
+
 def find_pairs(
     model: nn.Module,
     is_first: Callable[[nn.Module], bool] = is_foldable_linear,
@@ -214,7 +223,7 @@ def fuse(model: nn.Module) -> nn.Module:
     weights would stop being +1/-1; the warning says so, and `lightnets.pack_binary` folds such
     a BN into the packed layer as a per-channel scale and shift instead.
     """
-    fused = copy.deepcopy(model).eval()
+    fused = _copy_of(model).eval()
     for name, module in list(fused.named_modules()):
         if isinstance(module, FBNConv2d):
             if name:
@@ -246,10 +255,25 @@ def fuse(model: nn.Module) -> nn.Module:
         if other:
             warnings.warn(
                 f"fuse: left {len(other)} BatchNorm layer(s) unfolded: {', '.join(other)} "
-                "(no running statistics, or not fed only by a conv/linear)",
+                f"({UNPAIRED_REASONS})",
                 stacklevel=2,
             )
     return fused
+
+
+def _copy_of(model: nn.Module) -> nn.Module:
+    """copy.deepcopy(model), or one UserError saying why fuse needs it."""
+    if not isinstance(model, nn.Module):
+        raise UserError(f"fuse expects a torch.nn.Module, got {type(model).__name__}")
+    try:
+        return copy.deepcopy(model)
+    except Exception as err:
+        raise UserError(
+            f"fuse: cannot copy {type(model).__name__} ({type(err).__name__}: "
+            f"{str(err)[:200]}): fuse works on a copy and never changes the model it is given, "
+            "so it needs a model copy.deepcopy can copy (no locks, open files or generators as "
+            "attributes)"
+        ) from None
 
 
 def _norms_after_binary(model: nn.Module) -> set[str]:

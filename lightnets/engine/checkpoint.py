@@ -44,11 +44,24 @@ def read_weights_only(path: Path, what: str) -> Any:
         AttributeError,
         KeyError,
     ) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
             f"cannot read {what} {path}: corrupt, truncated or not a weights-only torch file "
-            f"({first[:200]})"
+            f"({_load_failure_reason(err)[:200]})"
         ) from None
+
+
+def _load_failure_reason(err: BaseException) -> str:
+    """The reason in torch.load's message, without its advice to retry with
+    weights_only=False (that would run whatever code the file holds: never do it here)."""
+    text = str(err).strip()
+    if not text.startswith("Weights only load failed"):
+        return text.splitlines()[0] if text else type(err).__name__
+    advice = ("weights_only", "Weights only load failed", "Check the documentation", "(2)")
+    lines = [line.strip() for line in text.splitlines()]
+    reasons = [line for line in lines if line and not any(a in line for a in advice)]
+    reason = " ".join(reasons).replace("WeightsUnpickler error:", "").strip()
+    reason = reason.split(". Please use", 1)[0]  # the allow-list advice
+    return "weights-only unpickler: " + (reason or "refused the file")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -116,7 +116,7 @@ class TrainConfig:
     eval_every: int = 1
     checkpoint_every: int = 0  # also checkpoint every N iterations (0: at epoch ends only)
     best_metric: str | None = None  # default: acc1 (classification) or miou (segmentation)
-    sync_bn: bool = False
+    sync_bn: bool = False  # under DDP: BN -> SyncBatchNorm (CUDA), FBN sync_stats (any backend)
     progress: bool = True
     stop_after_flipless_epochs: int | None = None  # Bop: stop after N epochs without a flip
 

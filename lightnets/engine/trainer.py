@@ -20,6 +20,7 @@ import contextlib
 import math
 import random
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +51,30 @@ from lightnets.nn.binary import clip_latent_weights_, is_binary_layer
 
 class NonFiniteError(UserError):
     """The loss or the gradient became NaN/Inf; the last good checkpoint is kept."""
+
+
+def _never_checkpointed(run_dir: Path) -> bool:
+    """A run dir holding only the config of a run that failed before its first checkpoint:
+    nothing in it is lost by starting again, so a re-run needs no --overwrite."""
+    return {p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")} <= {"config.toml"}
+
+
+def sync_batch_statistics(model: nn.Module, device: torch.device) -> nn.Module:
+    """`train.sync_bn`: batch statistics over all processes, for BN (torch's SyncBatchNorm,
+    CUDA only) and for FBN (its sync_stats all-reduce, any backend). Returns the model."""
+    from lightnets.nn.fbn import FBNConv2d
+
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and device.type != "cuda":
+        raise UserError(
+            "train.sync_bn=true needs CUDA devices for the model's BatchNorm layers (torch's "
+            "SyncBatchNorm has no CPU kernel): expected train.sync_bn=false on CPU, or a model "
+            "whose only batch norms are FBN layers"
+        )
+    for m in model.modules():
+        if isinstance(m, FBNConv2d):
+            m.sync_stats = True
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if has_bn else model
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -151,12 +176,7 @@ class Trainer:
         self.total_steps = self.max_steps or self.epochs * self.steps_per_epoch
 
         if config.train.sync_bn and self.distributed:
-            if self.device.type != "cuda":
-                raise UserError(
-                    "train.sync_bn=true needs CUDA devices (torch's SyncBatchNorm has no CPU "
-                    "kernel): expected train.sync_bn=false on CPU"
-                )
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = sync_batch_statistics(self.model, self.device)
         self.optimizer = self._build_optimizer()
         self.bop = self._find_bop()
         self.scheduler = self._build_schedule()
@@ -200,7 +220,14 @@ class Trainer:
                     "(expected a run dir with a checkpoint)"
                 )
             return
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(run_dir.iterdir()) and _never_checkpointed(run_dir):
+            if self.is_main:
+                print(
+                    f"note: {run_dir} holds only the config of a run that stopped before its "
+                    "first checkpoint; starting afresh there",
+                    file=sys.stderr,
+                )
+        elif run_dir.exists() and any(run_dir.iterdir()):
             if not overwrite:
                 raise UserError(
                     f"run dir {run_dir} already exists and is not empty: pass --resume to "
@@ -492,7 +519,7 @@ class Trainer:
         if self.max_steps:
             steps_left = min(steps_left, self.max_steps - self.step)
         bar = ProgressBar(
-            total=self.steps_per_epoch,
+            total=self.batch_in_epoch + steps_left,  # a max_steps run ends mid-epoch
             desc=f"epoch {self.epoch + 1}/{self.epochs}",
             disable=not (tcfg.progress and self.is_main),
             initial=self.batch_in_epoch,
@@ -536,10 +563,16 @@ class Trainer:
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
             what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            last = self.run_dir / "last.pt"
+            kept = (
+                f"{last} keeps the last good state"
+                if last.is_file()
+                else "no checkpoint had been written yet"
+            )
             raise NonFiniteError(
                 f"the {what} became non-finite at epoch {self.epoch + 1} step {self.step + 1}; "
-                f"stopped without saving, {self.run_dir / 'last.pt'} keeps the last good state: "
-                "expected finite values (try a lower optim.lr or train.grad_clip)"
+                f"stopped without saving ({kept}): expected finite values (try a lower "
+                "optim.lr or train.grad_clip)"
             )
         self.optimizer.step()
         if self._has_binary_layers:

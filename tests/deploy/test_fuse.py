@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import lightnets as ln
 from lightnets.deploy import fuse
+from lightnets.errors import UserError
 from lightnets.nn import FBNConv2d
 
 
@@ -128,6 +131,36 @@ def test_untraceable_model_falls_back_to_children_and_sequentials():
     assert isinstance(fused.stem[1], nn.Identity)
     assert isinstance(fused.block.bn1, nn.Identity) and isinstance(fused.block.bn2, nn.Identity)
     assert isinstance(fused.bn, nn.BatchNorm2d)  # its conv is only known to the untraced forward
+    with pytest.warns(UserWarning, match="make that forward traceable or put each conv"):
+        ln.fuse(model)  # the warning says how to get it folded
+
+
+class _OnlyAttributes(nn.Module):
+    """Untraceable, and its one conv -> BN pair is held as attributes: nothing can be paired."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.b = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.c(x)
+        return self.b(y) if y.sum() > 0 else self.b(-y)
+
+
+def test_convert_norm_fbn_refuses_a_model_where_it_finds_no_pair():
+    """Converting nothing while BNs are there is not a silent success."""
+    with pytest.raises(UserError, match=r"found no Conv2d -> BatchNorm2d pair.*\(b\)"):
+        ln.convert_norm(_OnlyAttributes(), "fbn", fbn_groups=3)
+    model = _randomize_norms(Untraceable())  # some pairs found: the rest is a warning
+    with pytest.warns(UserWarning, match=r"1 BatchNorm2d layer\(s\) with no conv .*: bn"):
+        ln.convert_norm(model, "fbn", fbn_groups=3)
+
+
+def test_a_model_that_cannot_be_copied_is_one_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    model.lock = threading.Lock()
+    with pytest.raises(UserError, match=r"fuse: cannot copy Sequential \(TypeError.*deepcopy"):
+        ln.fuse(model)
 
 
 class Branching(nn.Module):

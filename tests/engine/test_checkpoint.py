@@ -71,9 +71,13 @@ def test_malicious_pickle_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"format": FORMAT, "version": 1, "x": _Payload(marker)}, path)
-    with pytest.raises(UserError, match="weights-only"):
+    with pytest.raises(UserError, match="weights-only") as caught:
         load_checkpoint(path)
     assert not marker.exists()
+    # the reason (the refused global) is kept; torch's advice to retry unsafely is not
+    message = str(caught.value)
+    assert "GLOBAL posix.system" in message or "GLOBAL os.system" in message
+    assert "weights_only` set to `False" not in message and "False" not in message
     raw = tmp_path / "evil_raw.pt"
     raw.write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(UserError):

@@ -68,6 +68,29 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+class _GradientExplodesAfter(_ExplodesAfter):
+    """Finite outputs and loss, but an infinite gradient from its `after`-th forward on."""
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.fc(x.flatten(1))
+        if self.calls > self.after and out.requires_grad:
+            out.register_hook(lambda grad: grad * math.inf)  # the backward pass only
+        return out
+
+
+def test_non_finite_gradient_stops_too_and_a_failed_start_can_be_rerun(tmp_path):
+    config = load_config("mnist_cnn", [*TINY, "train.checkpoint_every=100"])
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="gradient norm became non-finite") as caught:
+        Trainer(config, run, model=_GradientExplodesAfter(after=0)).fit()
+    assert "no checkpoint had been written yet" in str(caught.value)
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
+    # the failed start left only its config: a plain re-run starts afresh, no --overwrite
+    row = Trainer(config, run).fit()
+    assert row["step"] > 0 and (run / "last.pt").is_file()
+
+
 def test_callbacks_see_steps_and_can_stop(tmp_path):
     class Count(Callback):
         steps = 0
@@ -99,3 +122,18 @@ def test_batch_larger_than_dataset_is_refused(tmp_path):
     config = load_config("mnist_cnn", [*TINY, "data.batch_size=5000"])
     with pytest.raises(UserError, match="larger than the training set"):
         Trainer(config, tmp_path / "run")
+
+
+def test_sync_bn_syncs_fbn_statistics_and_refuses_bn_on_cpu():
+    """train.sync_bn reaches the FBN layers (their own all-reduce, gloo included); torch's
+    SyncBatchNorm has no CPU kernel, so a CPU model with BatchNorm is refused in one line."""
+    from lightnets.engine.trainer import sync_batch_statistics
+    from lightnets.nn.fbn import FBNConv2d
+
+    fbn_only = nn.Sequential(FBNConv2d(8, 8, 3, fbn_groups=2), nn.ReLU(), FBNConv2d(8, 4, 1))
+    synced = sync_batch_statistics(fbn_only, torch.device("cpu"))
+    assert [m.sync_stats for m in synced.modules() if isinstance(m, FBNConv2d)] == [True, True]
+    with pytest.raises(UserError, match="sync_bn=true needs CUDA devices for the model's"):
+        sync_batch_statistics(
+            nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), torch.device("cpu")
+        )
