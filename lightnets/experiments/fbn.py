@@ -312,6 +312,10 @@ def build_spec(args: argparse.Namespace):
         "set": list(args.overrides),
     }
     table = {"table5": "Table 5", "table6": "Table 6", "table7": "Table 7"}[study]
+    # the paper's model of each table: Finet-large for 5 and 6, the ResNet asked for in 7
+    paper_model = "Finet-large"
+    if study == "table7":
+        paper_model = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}[model]
     what = {
         "table5": "BN (G=1) vs FBN with G groups, with / without affine",
         "table6": "FBN with C/G input channels per group",
@@ -328,7 +332,7 @@ def build_spec(args: argparse.Namespace):
     if small:
         notes.append(
             "The paper has no MNIST results: the column 'paper (CIFAR-10)' is the paper's "
-            f"CIFAR-10 number ({table}, Finet-large, 200 epochs) for reference only; the "
+            f"CIFAR-10 number ({table}, {paper_model}, 200 epochs) for reference only; the "
             "absolute numbers are not comparable, only the direction of the BN/FBN differences."
         )
     else:

@@ -33,9 +33,10 @@ Options: `fbn_groups=1` with no `fbn_channels_per_group` is the BN baseline, bui
 nn.Conv2d + norm layers (a standard network). Otherwise the block's 1x1 convs are FBNConv2d
 with G = fbn_groups, or G = floor(C_in / fbn_channels_per_group), at least 1, per layer (Table 6;
 the 24-input first block gets G = 1 for 20, 50 or 100 channels per group). A G that does not
-divide a layer's inputs is a UserError:
-e.g. the small model's 30-channel layers with G = 4 (Table 2 lists that configuration; the
-paper does not say how it split 30 channels into 4 groups). `affine` switches the affine
+divide a layer's inputs splits them into groups whose sizes differ by at most one, e.g. the
+small model's 30-channel layers with G = 4 get groups of 8, 8, 7, 7 (Table 2 lists that
+configuration; the paper does not say how it split 30 channels into 4 groups); a G larger than
+a layer's inputs is a UserError. `affine` switches the affine
 transform of the normalization in the FBN positions (Table 5; in the baseline it applies to the
 BN that stands in those positions). `norm` is the kind of the non-FBN norm layers, made by
 `lightnets.nn.blocks.norm_layer` (`lightnets.nn.make_norm`: bn, sync_bn, frozen_bn, gn, ln, in,

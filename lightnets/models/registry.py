@@ -9,6 +9,7 @@ so copies keep it), so that a file can name the model instead of pickling it.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -50,11 +51,41 @@ def create_model(name: str, **kwargs) -> torch.nn.Module:
                     f"model {name!r} has no option {key!r}{did_you_mean(key, valid)}: "
                     f"valid options are {', '.join(valid)}"
                 )
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except UserError as err:
+        if "not divisible by G=" not in str(err) or "norm" not in kwargs:
+            raise
+        raise UserError(_group_advice(name, kwargs, err)) from None
     if isinstance(model, torch.nn.Module):
         # what built it, for files that rebuild the model by name (lightnets.save_packed)
         model.__dict__[_SPEC_ATTR] = (name, dict(kwargs))
     return model
+
+
+def _group_advice(name: str, kwargs: dict[str, Any], err: UserError) -> str:
+    """A group-norm error for the whole model: one layer's valid G may fail the next, so list
+    the G that divide every norm layer's channels (found on the BN version of the model)."""
+    plain = {k: v for k, v in kwargs.items() if k != "norm_kwargs"}
+    try:
+        channels = sorted(
+            {
+                m.num_features
+                for m in _factory(name)(**{**plain, "norm": "bn"}).modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            }
+        )
+    except Exception:  # the advice is a bonus: never hide the original error behind another
+        return str(err)
+    if not channels:
+        return str(err)
+    common = math.gcd(*channels)
+    valid = [g for g in range(1, common + 1) if common % g == 0]
+    return (
+        f"model {name!r} with norm={kwargs['norm']!r}: {err}. The groups must divide the "
+        f"channels of every norm layer of this model ({', '.join(map(str, channels))}): "
+        f"expected norm_kwargs={{'num_groups': G}} with G in {', '.join(map(str, valid))}"
+    )
 
 
 _SPEC_ATTR = "_lightnets_model_spec"

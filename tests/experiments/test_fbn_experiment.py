@@ -287,3 +287,14 @@ def test_through_lightnets_main(capsys):
     assert main(["repro", "fbn-cifar", "--data", "cifar10"]) == 2
     err = capsys.readouterr().err.strip()
     assert "needs --root" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [([], "Table 5, Finet-large"), (["--model", "resnet18"], "Table 7, ResNet-18")],
+)
+def test_small_scale_note_names_the_papers_model(extra, named):
+    from lightnets.experiments.fbn import build_spec
+
+    spec = build_spec(_args("fbn-cifar", "--data", "mnist5k", *extra))
+    assert any(f"({named}, 200 epochs)" in note for note in spec.notes)

@@ -165,3 +165,14 @@ def test_finet_zero_init_last(kw):
     torch.manual_seed(0)
     model = finet_small(num_classes=10, cifar_stem=True, zero_init_last=True, **kw)
     assert _check_blocks_are_identity(model.train(), torch.randn(2, 3, 16, 16)) == 13
+
+
+def test_group_norm_error_lists_the_groups_that_fit_the_whole_model():
+    """G=4 fits Finet-small's 24-channel layer but not its 30-channel ones: the error gives the
+    G that divide every norm layer's channels (found on the model itself), and they work."""
+    from lightnets.models import create_model
+
+    with pytest.raises(UserError, match=r"model 'finet_small' with norm='gn'.*C=30.*G in 1, 2$"):
+        create_model("finet_small", norm="gn", norm_kwargs={"num_groups": 4})
+    model = create_model("finet_small", norm="gn", norm_kwargs={"num_groups": 2})
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
