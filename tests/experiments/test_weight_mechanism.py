@@ -87,6 +87,11 @@ def test_wm_fused(tmp_path):
 
     ckpt = load_checkpoint(out / "w1" / "seed0" / "last.pt")
     assert ckpt["model_name"] == "fused_unet" and ckpt["model_args"]["weight"] == 1.0
+    # the paper's own statistics beside ours: best of N and runs above 79.5%
+    table = (out / "fig9.md").read_text()
+    finals = {v["name"]: v["runs"][0]["final"] for v in data["variants"]}
+    assert f"| weight 0.5 | {finals['w0.5']:.2f} (N=1) | 80.15 |" in table
+    assert "| 5 of 10 |" in table and "| 1 of 10 |" in table
 
 
 @pytest.mark.parametrize(
