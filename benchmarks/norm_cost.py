@@ -1,7 +1,10 @@
 """Cost of each normalization kind on ResNet-18: train step, peak memory, fused eval latency.
 
 Model: ``resnet18`` with the CIFAR stem, 10 classes, 32x32 inputs, ``norm`` = each of bn, gn
-(G=32), ln, in, brn, frozen_bn, none (`lightnets.nn.make_norm`). A train step is forward +
+(G=32), ln, in, brn, frozen_bn, none, and sync_bn (`lightnets.nn.make_norm`). This is one
+process: torch's SyncBatchNorm then computes what BN does, without its all-reduce, so its row
+shows only the wrapper's overhead; the all-reduce, its real cost, needs a process group (and
+CUDA, for torch's kernel). A train step is forward +
 cross-entropy + backward + SGD (momentum 0.9) step, gradients set to None after it.
 
 - Train-step time: all kinds live in one process and are stepped round-robin (one step each, in
@@ -36,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _measure, when run as a script
 
-KINDS = ("bn", "gn", "ln", "in", "brn", "frozen_bn", "none")
+KINDS = ("bn", "sync_bn", "gn", "ln", "in", "brn", "frozen_bn", "none")
 
 
 def build(kind: str, device: str):
