@@ -191,6 +191,7 @@ def test_file_is_readable_like_any_new_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temp file left
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_dynamic_size_classifier(tmp_path, fmt):
     """With dynamic_size a classifier with global pooling takes any image size from the file."""
