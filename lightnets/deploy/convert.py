@@ -137,14 +137,33 @@ def _convert_fbn(
 
     indivisible, unsupported, grouped, plan = [], [], [], []
     pairs = find_pairs(model, _is_conv2d, _is_bn2d)
-    paired = {bn_name for _, bn_name in pairs}
+    # BNs after a conv of another kind (a BinaryConv2d: FBN does not apply to it), and BNs
+    # after no conv that could be found
+    other_kind = {
+        bn: type(model.get_submodule(conv)).__name__
+        for conv, bn in find_pairs(model, lambda m: isinstance(m, nn.Conv2d), _is_bn2d)
+        if (conv, bn) not in pairs
+    }
+    paired = {bn_name for _, bn_name in pairs} | set(other_kind)
     unpaired = [n for n, m in model.named_modules() if _is_bn2d(m) and n not in paired]
-    if unpaired and not pairs:
+    if not pairs and (unpaired or other_kind):
+        kinds = sorted(set(other_kind.values()))
         raise UserError(
-            f"convert_norm(kind='fbn') found no Conv2d -> BatchNorm2d pair in "
-            f"{type(model).__name__}, though it has {len(unpaired)} BatchNorm2d layer(s) "
-            f"({', '.join(unpaired[:5])}{', ...' if len(unpaired) > 5 else ''}): expected each "
-            f"BN to be fed only by a conv ({UNPAIRED_REASONS})"
+            f"convert_norm(kind='fbn') found no Conv2d -> BatchNorm2d pair to convert in "
+            f"{type(model).__name__}: "
+            + (
+                f"its BNs follow {', '.join(kinds)} layers, which FBN does not apply to"
+                if kinds
+                else ""
+            )
+            + ("; " if kinds and unpaired else "")
+            + (
+                f"{len(unpaired)} BatchNorm2d layer(s) ({', '.join(unpaired[:5])}"
+                f"{', ...' if len(unpaired) > 5 else ''}) follow no conv that could be found "
+                f"({UNPAIRED_REASONS})"
+                if unpaired
+                else ""
+            )
         )
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
@@ -179,11 +198,6 @@ def _convert_fbn(
         )
     if unsupported:
         problems.append(f"{len(unsupported)} unsupported conv(s): {', '.join(unsupported)}")
-    if unpaired:
-        problems.append(
-            f"{len(unpaired)} BatchNorm2d layer(s) with no conv found before them: "
-            f"{', '.join(unpaired)} ({UNPAIRED_REASONS})"
-        )
     if problems:
         message = "convert_norm(kind='fbn') left Conv2d+BatchNorm2d as they were for " + "; ".join(
             problems
@@ -191,6 +205,12 @@ def _convert_fbn(
         if strict:  # raised before anything changed
             raise UserError(message + " (strict=True)")
         warnings.warn(message, stacklevel=3)
+    if unpaired:  # not a conv's to convert (after an add, a concat, ...): information
+        warnings.warn(
+            f"convert_norm(kind='fbn') left {len(unpaired)} BatchNorm2d layer(s) that follow no "
+            f"Conv2d as they were: {', '.join(unpaired)} ({UNPAIRED_REASONS})",
+            stacklevel=3,
+        )
 
     for conv_name, bn_name, groups in plan:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)

@@ -53,6 +53,16 @@ class NonFiniteError(UserError):
     """The loss or the gradient became NaN/Inf; the last good checkpoint is kept."""
 
 
+def _fresh_sums() -> dict[str, float]:
+    """An epoch's running training sums: loss * samples, samples, correct and counted
+    predictions (images, or labelled pixels for segmentation)."""
+    return {"loss": 0.0, "n": 0.0, "correct": 0.0, "counted": 0.0}
+
+
+def _accuracy(sums: dict[str, float]) -> float:
+    return sums["correct"] / max(sums["counted"], 1) * 100
+
+
 def _never_checkpointed(run_dir: Path) -> bool:
     """A run dir holding only the config of a run that failed before its first checkpoint:
     nothing in it is lost by starting again, so a re-run needs no --overwrite."""
@@ -195,7 +205,7 @@ class Trainer:
         self.batch_in_epoch = 0  # batches done in the current epoch
         self.step = 0  # optimizer steps done
         self.best: float | None = None
-        self.train_sums = {"loss": 0.0, "correct": 0.0, "n": 0.0}
+        self.train_sums = _fresh_sums()
         self.last_row: dict[str, Any] = {}
         self.best_metric = config.train.best_metric or (
             "val_miou" if config.train.task == "segmentation" else "val_acc1"
@@ -458,7 +468,9 @@ class Trainer:
         self.should_stop = bool(self.stop_reason)  # a stopped run stays finished
         self.epoch, self.batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
         self.step, self.best = ckpt["step"], ckpt["best"]
-        self.train_sums = dict(ckpt["train_sums"])
+        sums = dict(ckpt["train_sums"])
+        sums.setdefault("counted", sums.get("n", 0.0))  # checkpoints before "counted" existed
+        self.train_sums = {**_fresh_sums(), **sums}
         self.last_row = dict(ckpt.get("metrics", {}))
         for cb, state in zip(self.callbacks, ckpt.get("callbacks", [])):
             cb.load_state_dict(state)
@@ -514,7 +526,7 @@ class Trainer:
         sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.batch_size)
         self.loaders["train"].generator.manual_seed(tcfg.seed * 1_000_003 + self.epoch)
         if self.batch_in_epoch == 0:
-            self.train_sums = {"loss": 0.0, "correct": 0.0, "n": 0.0}
+            self.train_sums = _fresh_sums()
         steps_left = self.steps_per_epoch - self.batch_in_epoch
         if self.max_steps:
             steps_left = min(steps_left, self.max_steps - self.step)
@@ -540,7 +552,7 @@ class Trainer:
             bar.update(
                 x.shape[0] * self.world,
                 loss=info["loss"],
-                acc=self.train_sums["correct"] / max(self.train_sums["n"], 1) * 100,
+                acc=_accuracy(self.train_sums),
             )
             for cb in self.callbacks:
                 cb.on_step_end(self, info)
@@ -589,19 +601,20 @@ class Trainer:
         n = y.shape[0]
         self.train_sums["loss"] += loss_value * n
         self.train_sums["n"] += n
-        self.train_sums["correct"] += self._correct(output.detach(), y)
+        correct, counted = self._correct(output.detach(), y)
+        self.train_sums["correct"] += correct
+        self.train_sums["counted"] += counted
         return {"loss": loss_value, "grad_norm": float(grad_norm), "output": output.detach()}
 
-    def _correct(self, output: torch.Tensor, y: torch.Tensor) -> float:
-        """Correct samples in the batch; for segmentation each image counts its fraction of
-        correct labelled pixels, so correct / n is the training pixel accuracy."""
+    def _correct(self, output: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """(correct, counted) predictions of the batch: images, or for segmentation labelled
+        pixels (the loss's ignore_index, -100 when unset, is what augmentation pads with)."""
         hit = output.argmax(1) == y
         if self.config.train.task == "classification":
-            return float(hit.sum())
+            return float(hit.sum()), float(y.shape[0])
         ignore = self.config.train.ignore_index
-        valid = torch.ones_like(hit) if ignore is None else y != ignore
-        per_image = (hit & valid).flatten(1).sum(1) / valid.flatten(1).sum(1).clamp_min(1)
-        return float(per_image.sum())
+        valid = y != (-100 if ignore is None else ignore)
+        return float((hit & valid).sum()), float(valid.sum())
 
     def _flip_list(self) -> list[int]:
         """This epoch's per-step flip counts as ints (one device sync for all of them)."""
@@ -645,7 +658,7 @@ class Trainer:
         row["train_loss"] = sums["loss"] / max(sums["n"], 1)
         row["images_per_s"] = images_per_s
         accuracy = "train_acc1" if self.config.train.task == "classification" else "train_pixel_acc"
-        row[accuracy] = sums["correct"] / max(sums["n"], 1) * 100
+        row[accuracy] = _accuracy(sums)
         row.update(flip_columns)
         last = self.epoch >= self.epochs or self._done_steps()
         if "val" in self.loaders and (self.epoch % self.config.train.eval_every == 0 or last):

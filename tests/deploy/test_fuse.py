@@ -152,8 +152,10 @@ def test_convert_norm_fbn_refuses_a_model_where_it_finds_no_pair():
     with pytest.raises(UserError, match=r"found no Conv2d -> BatchNorm2d pair.*\(b\)"):
         ln.convert_norm(_OnlyAttributes(), "fbn", fbn_groups=3)
     model = _randomize_norms(Untraceable())  # some pairs found: the rest is a warning
-    with pytest.warns(UserWarning, match=r"1 BatchNorm2d layer\(s\) with no conv .*: bn"):
+    with pytest.warns(UserWarning, match=r"1 BatchNorm2d layer\(s\) that follow no Conv2d .*: bn"):
         ln.convert_norm(model, "fbn", fbn_groups=3)
+    with pytest.raises(UserError, match="its BNs follow BinaryConv2d layers, which FBN does not"):
+        ln.convert_norm(ln.create_model("bnn_mnist"), "fbn", fbn_groups=2)
 
 
 def test_a_model_that_cannot_be_copied_is_one_error():
