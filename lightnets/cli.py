@@ -77,7 +77,11 @@ def train_command(args: argparse.Namespace) -> int:
         config = load_config(args.recipe, args.overrides)
         run_dir = args.out or _default_run_dir(config)
     trainer = Trainer(config, run_dir, resume=args.resume, overwrite=args.overwrite)
-    row = trainer.fit()
+    try:
+        row = trainer.fit()
+    except BaseException:
+        shutdown_distributed(wait=False)  # the other ranks may never reach a barrier
+        raise
     if trainer.is_main:
         print(json.dumps({"run_dir": str(run_dir), **_plain(row)}))
     shutdown_distributed()
@@ -244,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: say it once
-            print(f"lightnets {args.command}: error: {err}", file=sys.stderr)
+        # under torchrun a rank may fail alone (a path missing on one node): every rank says
+        # why, the others with their rank, so repeated lines are understandable
+        rank = os.environ.get("RANK", "0")
+        where = "" if rank == "0" else f" [rank {rank}]"
+        print(f"lightnets {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lightnets {args.command}: interrupted", file=sys.stderr)

@@ -109,19 +109,20 @@ def test_demo_short(tmp_path, capsys):
     # one epoch learns (the warm-up shrinks with it), and fusion and ONNX change no prediction
     line = next(x for x in out.splitlines() if x.strip().startswith("test accuracy"))
     trained, fused, onnx = (float(w.rstrip("%")) for w in line.split() if w.endswith("%"))
-    assert trained == fused == onnx and trained > 25.0
+    # folding rounds differently: allow one flipped prediction in 1000 on another platform
+    assert abs(fused - trained) <= 0.1 and abs(onnx - trained) <= 0.1 and trained > 25.0
     assert "norm layers left after fusion: 0" in out
     assert (tmp_path / "d" / "curves.png").is_file()
 
 
-def test_under_torchrun_only_rank_0_prints_a_user_error(monkeypatch, capsys):
-    """Every rank fails alike on a bad recipe: the error is said once, all exit with 2."""
+def test_under_torchrun_other_ranks_name_themselves_in_a_user_error(monkeypatch, capsys):
+    """A rank may fail alone (a path missing on one node): each says why, with its rank."""
     monkeypatch.setenv("RANK", "1")
     assert main(["train", "no_such_recipe"]) == 2
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err.startswith("lightnets train [rank 1]: error: unknown recipe")
     monkeypatch.setenv("RANK", "0")
     assert main(["train", "no_such_recipe"]) == 2
-    assert "unknown recipe 'no_such_recipe'" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("lightnets train: error: unknown recipe")
 
 
 def test_import_needs_no_torchvision_or_timm(tmp_path):

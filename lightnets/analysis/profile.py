@@ -220,9 +220,18 @@ def _find_deploy(model: nn.Module):
         from lightnets.deploy.pack import is_binary_layer, pack_binary
     except ImportError:
         return None, ""
-    if any(is_binary_layer(m) for m in model.modules()):
-        return pack_binary, "lightnets.pack_binary"
-    return fuse, "lightnets.deploy.fuse"
+    if not any(is_binary_layer(m) for m in model.modules()):
+        return fuse, "lightnets.deploy.fuse"
+
+    def pack_then_fuse(m: nn.Module) -> nn.Module:
+        # binary layers packed (BN after them folded in), then the real conv+BN pairs fused
+        return fuse(pack_binary(m))
+
+    try:
+        pack_binary(model)
+    except UserError:  # e.g. a kernel quantizer that is not a sign: deploy it unpacked
+        return fuse, "lightnets.deploy.fuse"
+    return pack_then_fuse, "lightnets.pack_binary + fuse"
 
 
 def _packed_values(model: nn.Module) -> tuple[int, int]:

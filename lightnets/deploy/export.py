@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightnets.engine.files import atomic_path
+from lightnets.engine.files import atomic_path, fsync_file
 from lightnets.errors import UserError
 
 __all__ = ["FORMATS", "SUFFIXES", "ExportCheckError", "ExportResult", "export", "format_for_path"]
@@ -171,13 +171,14 @@ def export(
             if dynamic_batch:
                 inputs.append(_random_input((size[0] + 1, *size[1:]), seed + 1))
             if dynamic_size:  # another size, odd on purpose: nothing may assume divisibility
-                other = (*size[:2], *(n + n // 2 + 1 for n in size[2:]))
+                other = (*size[:2], *((n + n // 2) | 1 for n in size[2:]))
                 inputs.append(_random_input(other, seed + 2))
             diff_fused, diff_unfused = _check_file(
                 tmp, fmt, inputs, exported, reference, (fused_out, ref_out), atol, rtol
             )
         if path.exists() and not overwrite:  # appeared while we were exporting
             raise UserError(f"{path} already exists: expected a new path, or pass overwrite=True")
+        fsync_file(tmp)
         os.replace(tmp, path)
 
     return ExportResult(
@@ -350,11 +351,13 @@ def _dynamic_axes(ndim: int, batch: bool, spatial: bool) -> dict[int, str]:
 def _onnx_legacy(
     model: nn.Module, x: torch.Tensor, path: Path, opset: int | None, dynamic: dict[int, str]
 ) -> None:
-    with torch.no_grad():
-        out_ndim = model(x).ndim  # (N, classes) or a map (N, classes, H, W)
     axes = None
     if dynamic:
-        axes = {"input": dynamic, "output": {a: n for a, n in dynamic.items() if a < out_ndim}}
+        with torch.no_grad():
+            out_ndim = model(x).ndim  # (N, classes) or a map (N, classes, H, W)
+        # the output's sizes get their own names: a strided model's map is not the input's size
+        out = {a: n if a == 0 else f"out_{n}" for a, n in dynamic.items() if a < out_ndim}
+        axes = {"input": dynamic, "output": out}
     with _quiet_deprecations(), torch.no_grad():
         torch.onnx.export(
             model,
@@ -465,11 +468,11 @@ def _run_each(run, inputs: list[torch.Tensor], path: Path, fmt: str) -> list[tor
     for x in inputs:
         try:
             outs.append(run(x))
-        except Exception as err:
-            first = (str(err).strip().splitlines() or [""])[-1][:300]
+        except Exception as err:  # onnxruntime's reason is its message's last line
+            reason = (str(err).strip().splitlines() or [""])[-1][:300]
             raise ExportCheckError(
                 f"{fmt} export {path.name} fails on input {_fmt_size(x.shape)}"
-                f"{_other_size_hint(x, inputs[0])}: {type(err).__name__}: {first}"
+                f"{_other_size_hint(x, inputs[0])}: {type(err).__name__}: {reason}"
             ) from None
     return outs
 

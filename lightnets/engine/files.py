@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes"]
+__all__ = ["atomic_path", "atomic_write_bytes", "fsync_file"]
 
 
 def _new_temp_beside(path: Path) -> Path:
@@ -29,24 +29,36 @@ def _new_temp_beside(path: Path) -> Path:
     raise FileExistsError(f"could not create a temporary file next to {path}")
 
 
+def fsync_file(path: Path) -> None:
+    """Flush `path`'s data to disk, so that a crash after the rename cannot leave it empty."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and moved onto `path`.
 
-    With replace=False the caller moves it (or not) itself; the temporary file is removed
-    whenever it is still there at the end, so an exception leaves `path` as it was.
+    With replace=False the caller moves it (or not) itself, after `fsync_file`; the temporary
+    file is removed whenever it is still there at the end, so an exception leaves `path` as
+    it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temp_beside(path)
+    tmp = None
     try:
+        tmp = _new_temp_beside(path)
         yield tmp
         if replace:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_file(tmp)
             os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # never hide the error that got us here
+                tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: str | bytes) -> None:

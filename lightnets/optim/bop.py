@@ -198,7 +198,7 @@ class Bop(torch.optim.Optimizer):
                     "He-normal draw has both signs): pass lightnets.optim.binary_parameters("
                     "model), not model.parameters()" + ("" if names else _NAMES_HINT),
                     UserWarning,
-                    stacklevel=3,
+                    stacklevel=4,  # add_param_group <- Optimizer.__init__ <- Bop() <- caller
                 )
 
     @staticmethod

@@ -212,7 +212,7 @@ def test_binary_model_is_profiled_packed():
     assert prof.binary_weights == convs + fcs
     bn = 2 * (32 + 64 + 64 + 64 + 10)
     assert prof.params == convs + fcs + bn == prof.fused_params
-    assert prof.fused_by == "lightnets.pack_binary" and prof.fused_macs == prof.macs
+    assert prof.fused_by == "lightnets.pack_binary + fuse" and prof.fused_macs == prof.macs
     assert "1 bit each" in prof.format()
 
 
@@ -236,3 +236,22 @@ def test_containers_that_are_not_called_are_not_counted_twice():
     assert p.macs == 64 * (3 * 9 * 4 + 4 * 4 + 4 * 2)
     assert sum(r.macs for r in p.table) == p.macs
     assert all(r.macs == 0 for r in p.table if r.type not in ("Conv2d",))
+
+
+def test_mixed_real_and_binary_model_is_packed_and_fused():
+    """A real first conv + BN (binary nets keep their first layer real) folds like any conv;
+    the binary conv's BN folds into the packed layer."""
+    from lightnets.nn.binary import BinaryConv2d
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        BinaryConv2d(4, 6, 3, padding=1, bias=False, input_quantizer="ste_sign"),
+        nn.BatchNorm2d(6),
+    )
+    prof = profile(model, (1, 1, 8, 8))
+    real, binary = 4 * 9, 6 * 4 * 9
+    assert prof.params == real + 2 * 4 + binary + 2 * 6
+    # real conv gains a bias of 4 for its BN's 8; the packed layer keeps scale + shift (12)
+    assert prof.fused_params == real + 4 + binary + 2 * 6
+    assert prof.binary_weights == binary and prof.fused_by == "lightnets.pack_binary + fuse"

@@ -238,3 +238,18 @@ def test_ort_numpy_dtype(tmp_path):
     assert not isinstance(inp.shape[0], int) and inp.shape[1:] == [1, 16, 16]
     out = session.run(None, {inp.name: np.zeros((4, 1, 16, 16), np.float32)})[0]
     assert out.shape == (4, 10)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_dynamic_size_output_axes_are_not_named_as_the_input(tmp_path, exporter):
+    """A strided model's output map is not the input's size: its axes must not claim to be."""
+    model = nn.Sequential(nn.Conv2d(3, 2, 3, stride=2, padding=1), nn.BatchNorm2d(2)).eval()
+    path = tmp_path / "m.onnx"
+    export(model, path, (1, 3, 16, 16), dynamic_size=True, exporter=exporter)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names_in = session.get_inputs()[0].shape[2:]
+    names_out = session.get_outputs()[0].shape[2:]
+    assert all(isinstance(n, str) for n in names_in + names_out)
+    assert not set(names_in) & set(names_out)
+    out = session.run(None, {"input": np.zeros((1, 3, 21, 30), np.float32)})[0]
+    assert out.shape == (1, 2, 11, 15)

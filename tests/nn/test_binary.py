@@ -433,7 +433,7 @@ def test_fuse_leaves_binary_layers_and_profile_counts_them():
     assert prof.macs == prof.fused_macs == 16 * 4 * 9 + 64 * 10 + 10 * 2
     assert prof.params == sum(p.numel() for p in model.parameters())
     assert prof.binary_weights == 4 * 9 + 64 * 10 + 10 * 2  # every layer is binary here
-    assert prof.fused_by == "lightnets.pack_binary"
+    assert prof.fused_by == "lightnets.pack_binary + fuse"
 
 
 # ----------------------------------------------------------------------------- property
