@@ -776,7 +776,8 @@ def hparams_spec(args: argparse.Namespace):
         f"Setting: recipe `{recipe}` ({model}, Bop for the binary weights, Adam for "
         f"BatchNorm) on {setting.shown} with overrides `{setting.shown_overrides(extra)}`; "
         f"{setting.length()}, {len(setting.seeds)} seed(s), gamma constant within a run "
-        "and no early stop.",
+        "and no early stop"
+        + (" (unless the overrides above say otherwise)." if setting.user else "."),
         "The paper (Sec. 3.2, Fig. 2: BinaryNet on CIFAR-10) shows curves, no numbers: a high "
         "gamma or a low tau flips many weights (noisy training), a low gamma or a high tau "
         "flips almost none (slow, stable training). fig2.png: the log flip ratio "
