@@ -611,7 +611,7 @@ def fused_spec(args: argparse.Namespace):
     add_arguments=add_fused_arguments,
 )
 def wm_fused(args: argparse.Namespace) -> int:
-    """Run wm-fused; writes results.* and fig9.png."""
+    """Run wm-fused; writes results.*, fig9.png and fig9.md (the paper's statistics beside ours)."""
     from lightnets.experiments.base import run_experiment
 
     results = run_experiment(fused_spec(args))
