@@ -338,8 +338,9 @@ class _PackedBinary(nn.Module):
         return packed
 
     def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments, JSON-serializable (see save_packed)."""
-        raise NotImplementedError
+        """Constructor keyword arguments, JSON-serializable (see save_packed); each packed
+        layer class (PackedBinaryConv2d, PackedBinaryLinear) says its own."""
+        raise NotImplementedError(f"{type(self).__name__} must define config()")
 
 
 def _spec_text(spec: Any) -> str:

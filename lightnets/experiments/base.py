@@ -356,7 +356,8 @@ def _unbuildable(config, cache: dict[str, Any]) -> str | None:
     train_set, _ = _datasets_for(config, cache)
     try:
         create_model(config.model.name, **resolve_model_args(config, train_set))
-    except (ValueError, RuntimeError, NotImplementedError, TypeError) as err:  # UserError too
+    # UserError is a ValueError; torch raises the others for layer settings it cannot build
+    except (ValueError, RuntimeError, NotImplementedError, TypeError) as err:
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return text if isinstance(err, UserError) else f"{type(err).__name__}: {text}"
     return None
