@@ -20,8 +20,10 @@ from lightnets.data import (  # noqa: F401  (register the datasets)
 from lightnets.data.augment import (
     AUGMENT_OPS,
     AUGMENT_OPTIONS,
+    AugmentOp,
     BatchAugment,
     build_batch_augment,
+    describe_augment,
     parse_augment,
 )
 from lightnets.data.base import (
@@ -35,7 +37,13 @@ from lightnets.data.buildings import BuildingsDataset, tile_buildings
 from lightnets.data.cifar import CifarUnpickler, read_cifar_binary, read_cifar_pickle
 from lightnets.data.folder import IMG_EXTENSIONS, ImageFolderDataset
 from lightnets.data.mnist import read_idx
-from lightnets.data.registry import list_datasets, load_dataset, register_dataset
+from lightnets.data.registry import (
+    dataset_info,
+    describe_loading,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
 from lightnets.data.synthetic_buildings import SyntheticBuildings, render_scene
 from lightnets.data.transforms import RandomResizedCrop, ResizeCenterCrop, pil_to_tensor
 
@@ -44,6 +52,7 @@ __all__ = [
     "AUGMENT_OPTIONS",
     "DATASET_ATTRIBUTES",
     "IMG_EXTENSIONS",
+    "AugmentOp",
     "BatchAugment",
     "BuildingsDataset",
     "CifarUnpickler",
@@ -54,6 +63,9 @@ __all__ = [
     "ResizeCenterCrop",
     "SyntheticBuildings",
     "build_batch_augment",
+    "dataset_info",
+    "describe_augment",
+    "describe_loading",
     "list_datasets",
     "load_dataset",
     "parse_augment",

@@ -274,7 +274,7 @@ class BuildingsDataset(Dataset):
         )
 
 
-@register_dataset("buildings")
+@register_dataset("buildings", info={"num_classes": 2, "in_chans": 3})
 def buildings(root: str | None = None, split: str = "train") -> BuildingsDataset:
     """Massachusetts Buildings from `root` (either raw layout, or a `lightnets data tile`
     output); split train, val (folder `val` or `valid`) or test.

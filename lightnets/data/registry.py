@@ -11,25 +11,66 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
 from lightnets.errors import UserError, did_you_mean
 
 DatasetFactory = Callable[..., Dataset]
+#: describe_loading(split, **options) -> what the loader does to each image (random crops
+#: done per image while loading, e.g. the folder dataset's RandomResizedCrop), as augment ops
+LoadingDescription = Callable[..., list]
 _DATASETS: dict[str, DatasetFactory] = {}
+_INFO: dict[str, dict[str, Any]] = {}
+_LOADING: dict[str, LoadingDescription] = {}
 
 
-def register_dataset(name: str) -> Callable[[DatasetFactory], DatasetFactory]:
-    """Decorator: register `fn(root, split, **options) -> Dataset` under `name`."""
+def register_dataset(
+    name: str,
+    info: dict[str, Any] | None = None,
+    loading: LoadingDescription | None = None,
+) -> Callable[[DatasetFactory], DatasetFactory]:
+    """Decorator: register `fn(root, split, **options) -> Dataset` under `name`.
+
+    `info`: what is known without reading any file (num_classes, in_chans, train_size: images
+    in the default training split), so a run can be planned before the data exists.
+    `loading`: describes random per-image ops the dataset applies while loading a split.
+    """
 
     def decorator(fn: DatasetFactory) -> DatasetFactory:
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
         _DATASETS[name] = fn
+        _INFO[name] = dict(info or {})
+        if loading is not None:
+            _LOADING[name] = loading
         return fn
 
     return decorator
+
+
+def dataset_info(name: str) -> dict[str, Any]:
+    """Facts about dataset `name` known without reading data (may be empty, e.g. a folder)."""
+    if name not in _DATASETS:
+        _unknown_dataset(name)
+    return dict(_INFO[name])
+
+
+def describe_loading(name: str, split: str | None, **options: Any) -> list:
+    """The random per-image ops dataset `name` applies while loading `split` (as augment ops,
+    e.g. [{"random_resized_crop": {...}}]); [] when it only decodes."""
+    if name not in _DATASETS:
+        _unknown_dataset(name)
+    describe = _LOADING.get(name)
+    return list(describe(split, **options)) if describe is not None else []
+
+
+def _unknown_dataset(name: str) -> None:
+    names = list_datasets()
+    raise UserError(
+        f"unknown dataset {name!r}{did_you_mean(name, names)}: expected one of {', '.join(names)}"
+    )
 
 
 def list_datasets() -> list[str]:
@@ -46,11 +87,7 @@ def load_dataset(
     `image_size` (None when images differ in size) and `targets` (int64 labels).
     """
     if name not in _DATASETS:
-        names = list_datasets()
-        raise UserError(
-            f"unknown dataset {name!r}{did_you_mean(name, names)}: expected one of "
-            f"{', '.join(names)}"
-        )
+        _unknown_dataset(name)
     factory = _DATASETS[name]
     mean, std = kw.pop("mean", None), kw.pop("std", None)
     params = inspect.signature(factory).parameters

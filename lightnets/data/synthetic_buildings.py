@@ -258,7 +258,7 @@ class SyntheticBuildings(Dataset):
         )
 
 
-@register_dataset("synthetic_buildings")
+@register_dataset("synthetic_buildings", info={"num_classes": 2, "in_chans": 3})
 def synthetic_buildings(
     root: str | None = None,
     split: str = "train",
