@@ -149,7 +149,7 @@ def eval_command(args: argparse.Namespace) -> int:
         image_size=config.data.image_size or _dataset_attr(dataset, "image_size", None),
     )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.data.eval_batch_size or config.data.batch_size
+        dataset, batch_size=config.data.eval_batch_size or config.data.per_process_batch(1)
     )
     metrics = evaluate(
         model,

@@ -115,23 +115,31 @@ def subset(dataset: Dataset, indices: Sequence[int] | torch.Tensor) -> Dataset:
 
 
 def split_train_val(
-    dataset: Dataset, val_fraction: float, seed: int = 0
+    dataset: Dataset, val_fraction: float, seed: int = 0, holdout: str = "stratified"
 ) -> tuple[Dataset, Dataset]:
     """Hold out `val_fraction` of `dataset` as a validation set (e.g. Bop's 10% of CIFAR).
 
-    Deterministic for a given seed, and stratified when the dataset has `targets`: each class
-    gives round(n_class * val_fraction) samples, so the class balance of both parts matches
-    the original. Both parts keep the original order. Note that a folder dataset's subsets
-    share its per-sample transform (the random training crop for split="train").
+    holdout="stratified": deterministic for a given seed, and stratified when the dataset has
+    `targets`: each class gives round(n_class * val_fraction) samples, so the class balance of
+    both parts matches the original. holdout="last": the last round(n * val_fraction) samples
+    in the dataset's order, the same for every seed (the [Re] Bop paper's CIFAR split: "the
+    last 10% of the training data", i.e. CIFAR-10's data_batch_5). Both parts keep the
+    original order. Note that a folder dataset's subsets share its per-sample transform (the
+    random training crop for split="train").
     """
     if not 0.0 < float(val_fraction) < 1.0:
         raise UserError(f"val_fraction={val_fraction!r}: expected a number between 0 and 1")
+    if holdout not in ("stratified", "last"):
+        raise UserError(f"holdout={holdout!r}: expected 'stratified' or 'last'")
     n = len(dataset)
     gen = torch.Generator().manual_seed(int(seed))
     targets = getattr(dataset, "targets", None)
     if targets is not None:
         targets = torch.as_tensor(targets, dtype=torch.long)
-    if targets is not None and targets.shape == (n,):
+    if holdout == "last":
+        k = round(n * val_fraction)
+        val_idx = torch.arange(n - k, n)
+    elif targets is not None and targets.shape == (n,):
         val_parts = []
         for c in torch.unique(targets).tolist():
             idx = torch.nonzero(targets == c).flatten()

@@ -34,22 +34,54 @@ class ModelConfig:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+#: The global batch when a recipe gives neither data.batch_size nor data.batch_per_process.
+DEFAULT_BATCH = 64
+#: How data.val_fraction is held out of the training split.
+VAL_HOLDOUTS = ("stratified", "last")
+
+
 @dataclass
 class DataConfig:
-    """Dataset, splits, batch size (global, over all processes) and augmentation."""
+    """Dataset, splits, batch size and augmentation.
+
+    The batch is given one of two ways: `batch_size`, the global batch (split over the
+    processes), or `batch_per_process`, the images each process sees per step (what BN's
+    statistics are computed over; the global batch is then that times the processes, as in
+    the GN paper's "32 images per GPU on 8 GPUs"). Neither: a global batch of 64.
+    `augment` lists ops by name or with parameters: [{pad_crop = {padding = 2}}, "hflip"].
+    """
 
     name: str = "mnist5k"
     root: str | None = None
     train_split: str = "train"
     val_split: str | None = "test"
     val_fraction: float = 0.0  # > 0: hold out this fraction of the train split instead
-    batch_size: int = 64
+    val_holdout: str = "stratified"  # or "last": the last val_fraction of the split, in order
+    batch_size: int | None = None
+    batch_per_process: int | None = None
     eval_batch_size: int | None = None
     num_workers: int = 0
-    augment: list[str] = field(default_factory=lambda: ["normalize"])
-    eval_augment: list[str] = field(default_factory=lambda: ["normalize"])
+    augment: list[str | dict[str, Any]] = field(default_factory=lambda: ["normalize"])
+    eval_augment: list[str | dict[str, Any]] = field(default_factory=lambda: ["normalize"])
     image_size: list[int] | None = None
     args: dict[str, Any] = field(default_factory=dict)
+
+    def per_process_batch(self, processes: int) -> int:
+        """Images per process and step with `processes` processes (a UserError when the
+        global batch does not split evenly)."""
+        if self.batch_per_process is not None:
+            return self.batch_per_process
+        total = self.batch_size if self.batch_size is not None else DEFAULT_BATCH
+        if total % processes:
+            raise UserError(
+                f"data.batch_size={total} must be divisible by the number of processes "
+                f"({processes}): it is the global batch (or give data.batch_per_process)"
+            )
+        return total // processes
+
+    def global_batch(self, processes: int) -> int:
+        """Images per optimizer step over all `processes` processes."""
+        return self.per_process_batch(processes) * processes
 
 
 @dataclass
@@ -65,7 +97,7 @@ class OptimConfig:
     bias_weight_decay: float | None = None  # None: same as weight_decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    lr_reference_batch: int | None = None  # lr is scaled by batch_size / this
+    lr_reference_batch: int | None = None  # lr is scaled by the global batch / this
     # Binary networks: "bop" trains the +1/-1 weights of binary layers in bop mode with Bop
     # (paper 004) and everything else with `name` above; None: no binary optimizer.
     binary: str | None = None
@@ -117,6 +149,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N iterations (0: at epoch ends only)
     best_metric: str | None = None  # default: acc1 (classification) or miou (segmentation)
     sync_bn: bool = False  # under DDP: BN -> SyncBatchNorm (CUDA), FBN sync_stats (any backend)
+    channels_last: bool = False  # model and batches in channels-last memory format (NHWC)
     progress: bool = True
     stop_after_flipless_epochs: int | None = None  # Bop: stop after N epochs without a flip
 
@@ -148,7 +181,31 @@ class Config:
 
     def validate(self) -> Config:
         """Refuse values that cannot work, naming the key and what is expected."""
-        _check(self.data.batch_size >= 1, "data.batch_size", self.data.batch_size, ">= 1")
+        d = self.data
+        if d.batch_size is not None:
+            _check(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
+        if d.batch_per_process is not None:
+            _check(d.batch_per_process >= 1, "data.batch_per_process", d.batch_per_process, ">= 1")
+            _check(
+                d.batch_size is None,
+                "data.batch_size",
+                d.batch_size,
+                "no value when data.batch_per_process is set (one is the global batch, the other "
+                "the batch of each process: set data.batch_size = none)",
+            )
+        _check(
+            d.val_holdout in VAL_HOLDOUTS,
+            "data.val_holdout",
+            d.val_holdout,
+            " or ".join(repr(v) for v in VAL_HOLDOUTS),
+        )
+        from lightnets.data.augment import parse_augment
+
+        for key in ("augment", "eval_augment"):
+            try:
+                parse_augment(getattr(d, key))
+            except UserError as err:
+                raise UserError(f"config value data.{key}: {err}") from None
         if self.data.eval_batch_size is not None:
             _check(
                 self.data.eval_batch_size >= 1,

@@ -104,7 +104,9 @@ def build_datasets(config: Config) -> tuple[Dataset, Dataset | None]:
     cfg = config.data
     train = load_dataset(cfg.name, root=cfg.root, split=cfg.train_split, **cfg.args)
     if cfg.val_fraction > 0:
-        return split_train_val(train, cfg.val_fraction, seed=config.train.seed)
+        return split_train_val(
+            train, cfg.val_fraction, seed=config.train.seed, holdout=cfg.val_holdout
+        )
     if cfg.val_split:
         return train, load_dataset(cfg.name, root=cfg.root, split=cfg.val_split, **cfg.args)
     return train, None
@@ -126,6 +128,21 @@ def _dataset_attr(dataset: Dataset, name: str, default: Any) -> Any:
     while not hasattr(dataset, name) and hasattr(dataset, "dataset"):
         dataset = dataset.dataset  # torch Subset and friends
     return getattr(dataset, name, default)
+
+
+class ChannelsLast(nn.Module):
+    """An augmentation whose output batch comes back in channels-last memory format (NHWC),
+    for a model converted with `.to(memory_format=torch.channels_last)`."""
+
+    def __init__(self, augment: nn.Module) -> None:
+        super().__init__()
+        self.augment = augment
+
+    def forward(self, x: torch.Tensor, *rest: torch.Tensor):
+        out = self.augment(x, *rest)
+        if isinstance(out, tuple):
+            return (out[0].contiguous(memory_format=torch.channels_last), *out[1:])
+        return out.contiguous(memory_format=torch.channels_last)
 
 
 class Trainer:
@@ -159,25 +176,24 @@ class Trainer:
             raise UserError(
                 f"dataset {config.data.name!r} split {config.data.train_split!r} is empty"
             )
-        if config.data.batch_size % self.world:
-            raise UserError(
-                f"data.batch_size={config.data.batch_size} must be divisible by the number of "
-                f"processes ({self.world}): it is the global batch"
-            )
-        self.batch_size = config.data.batch_size // self.world
+        self.batch_size = config.data.per_process_batch(self.world)  # images per process
+        self.global_batch = self.batch_size * self.world
         self.model_args = resolve_model_args(config, self.train_set) if model is None else {}
         if model is None:
             from lightnets.models.registry import create_model
 
             model = create_model(config.model.name, **self.model_args)
         self.model = model.to(self.device)
+        if config.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.train_augment, self.eval_augment = self._build_augment()
         self.loaders = self._build_loaders()
         self.steps_per_epoch = len(self.loaders["train_sampler"]) // self.batch_size
         if self.steps_per_epoch == 0:
             raise UserError(
-                f"data.batch_size={config.data.batch_size} is larger than the training set "
-                f"({len(self.train_set)} samples): expected at most its size"
+                f"the batch ({self.batch_size} per process x {self.world} process(es)) is "
+                f"larger than the training set ({len(self.train_set)} samples): expected at "
+                "most its size"
             )
         self.epochs = config.train.epochs
         self.max_steps = config.train.max_steps
@@ -259,6 +275,8 @@ class Trainer:
         size = cfg.image_size or _dataset_attr(self.train_set, "image_size", None)
         train = build_batch_augment(cfg.augment, mean=mean, std=std, image_size=size)
         evaluate = build_batch_augment(cfg.eval_augment, mean=mean, std=std, image_size=size)
+        if self.config.train.channels_last:
+            train, evaluate = ChannelsLast(train), ChannelsLast(evaluate)
         return train.to(self.device), evaluate.to(self.device)
 
     def _build_loaders(self) -> dict[str, Any]:
@@ -293,7 +311,7 @@ class Trainer:
         )
         return DataLoader(
             dataset,
-            batch_size=(cfg.eval_batch_size or cfg.batch_size),
+            batch_size=(cfg.eval_batch_size or self.batch_size),
             sampler=sampler,
             num_workers=cfg.num_workers,
             pin_memory=self.device.type == "cuda",
@@ -306,8 +324,8 @@ class Trainer:
 
         cfg = self.config.optim
         lr = cfg.lr
-        if cfg.lr_reference_batch:
-            lr = lr * self.config.data.batch_size / cfg.lr_reference_batch
+        if cfg.lr_reference_batch:  # the linear scaling rule, on the global batch
+            lr = lr * self.global_batch / cfg.lr_reference_batch
         self.base_lr = lr
         options = dict(
             momentum=cfg.momentum,
