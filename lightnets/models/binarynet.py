@@ -27,6 +27,10 @@ from lightnets.nn.binary import MODES, BinaryConv2d, BinaryLinear
 
 LATENT_INITS = ("glorot_uniform", "glorot_normal", "he_normal", "uniform")
 BINARYNET_WIDTHS = (128, 128, "M", 256, 256, "M", 512, 512, "M")
+#: Keras' BatchNormalization defaults, which the original Bop code kept: momentum 0.99 (the
+#: weight of the old running value; PyTorch's momentum is the new value's: 1 - 0.99) and eps.
+KERAS_BN_MOMENTUM = 0.01
+KERAS_BN_EPS = 1e-3
 
 
 def _check(name: str, mode: str, latent_init: str, init_scale: float, num_classes: int) -> None:
@@ -65,8 +69,8 @@ def init_latent_weights_(model: nn.Module, latent_init: str, init_scale: float =
             w.mul_(init_scale)
 
 
-def _norm(kind: str, channels: int, scale: bool, momentum: float) -> nn.Module:
-    bn = (nn.BatchNorm2d if kind == "2d" else nn.BatchNorm1d)(channels, momentum=momentum)
+def _norm(kind: str, channels: int, scale: bool, momentum: float, eps: float) -> nn.Module:
+    bn = (nn.BatchNorm2d if kind == "2d" else nn.BatchNorm1d)(channels, eps=eps, momentum=momentum)
     if not scale:  # the original code's BatchNorm(scale=False): shift only, gamma fixed at 1
         bn.weight.requires_grad_(False)
     return bn
@@ -90,6 +94,7 @@ class BinaryNet(nn.Module):
         pool_before_norm: bool,
         bn_scale: bool,
         bn_momentum: float,
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         kw = {"kernel_quantizer": "ste_sign", "mode": mode, "clip_weights": clip_weights}
@@ -112,7 +117,7 @@ class BinaryNet(nn.Module):
             )
             size = size + 2 * pad - 2
             pooled = i + 1 < len(items) and items[i + 1] == "M"
-            norm = _norm("2d", int(item), bn_scale, bn_momentum)
+            norm = _norm("2d", int(item), bn_scale, bn_momentum, bn_eps)
             if pooled:
                 layers += [nn.MaxPool2d(2), norm] if pool_before_norm else [norm, nn.MaxPool2d(2)]
                 size //= 2
@@ -127,7 +132,7 @@ class BinaryNet(nn.Module):
         for width in (*fcs, num_classes):
             head += [
                 BinaryLinear(fin, width, input_quantizer="ste_sign", **kw),
-                _norm("1d", width, bn_scale, bn_momentum),
+                _norm("1d", width, bn_scale, bn_momentum, bn_eps),
             ]
             fin = width
         self.classifier = nn.Sequential(*head)
@@ -145,14 +150,16 @@ def bnn_mnist(
     latent_init: str = "glorot_uniform",
     init_scale: float = 1.0,
     bn_scale: bool = True,
-    bn_momentum: float = 0.01,
+    bn_momentum: float = KERAS_BN_MOMENTUM,
+    bn_eps: float = KERAS_BN_EPS,
 ) -> nn.Module:
     """[Re] Sec. 3.1.1: binary 3x3 convs 32, 64, 64 (no padding), each with 2x2 max-pool and BN,
     then binary linear 64 and 10 with BN; latent weights clipped to [-1, 1] (Larq's MNIST
     example). 28 -> 26 -> 13 -> 11 -> 5 -> 3 -> 1: 60,320 binary weights.
 
-    `bn_momentum`: BatchNorm's running-statistics momentum, default 0.01 (Keras' 0.99, an
-    average over ~100 steps); runs much shorter than the paper's need a faster one."""
+    The paper built this network with Larq / Keras, so BatchNorm has Keras' defaults:
+    `bn_momentum` 0.01 (Keras' momentum 0.99: an average over ~100 steps; runs much shorter
+    than the paper's need a faster one) and `bn_eps` 1e-3."""
     _check("bnn_mnist", mode, latent_init, init_scale, num_classes)
     if (
         isinstance(bn_momentum, bool)
@@ -160,6 +167,8 @@ def bnn_mnist(
         or not 0 < bn_momentum <= 1
     ):
         raise UserError(f"bnn_mnist: bn_momentum must be a number in (0, 1], got {bn_momentum!r}")
+    if isinstance(bn_eps, bool) or not isinstance(bn_eps, (int, float)) or not bn_eps > 0:
+        raise UserError(f"bnn_mnist: bn_eps must be a number > 0, got {bn_eps!r}")
     model = BinaryNet(
         (32, "M", 64, "M", 64, "M"),
         (64,),
@@ -172,7 +181,8 @@ def bnn_mnist(
         padding=0,
         pool_before_norm=False,
         bn_scale=bn_scale,
-        bn_momentum=float(bn_momentum),  # default: Keras' BatchNormalization momentum 0.99
+        bn_momentum=float(bn_momentum),
+        bn_eps=float(bn_eps),
     )
     init_latent_weights_(model, latent_init, init_scale)
     return model
@@ -191,10 +201,11 @@ def binarynet_cifar(
     """[Re] Sec. 3.3 BinaryNet: binary 3x3 convs 128-128-pool-256-256-pool-512-512-pool, binary
     linear 1024-1024-10, BatchNorm after every layer: 14.0M binary weights at 32x32.
 
-    ``original=True`` makes the original code's choices: BatchNorm without scale (shift only,
-    momentum 0.001 as Keras' 0.999), the first conv without padding (32 -> 30, so 10.3M binary
-    weights), and max-pool before BatchNorm. Default: the paper's text (conv - BN - pool,
-    padding 1 everywhere, BN with scale).
+    ``original=True`` makes the original code's choices: Keras' BatchNormalization defaults
+    (no scale, i.e. shift only; momentum 0.99, which is PyTorch's momentum 0.01; epsilon 1e-3),
+    the first conv without padding (32 -> 30, so 10.3M binary weights), and max-pool before
+    BatchNorm. Default: the [Re] paper's text and PyTorch code (conv - BN - pool, padding 1
+    everywhere, PyTorch's BatchNorm: scale, momentum 0.1, epsilon 1e-5).
     """
     _check("binarynet_cifar", mode, latent_init, init_scale, num_classes)
     model = BinaryNet(
@@ -209,7 +220,8 @@ def binarynet_cifar(
         padding=1,
         pool_before_norm=original,
         bn_scale=not original,
-        bn_momentum=0.001 if original else 0.1,
+        bn_momentum=KERAS_BN_MOMENTUM if original else 0.1,
+        bn_eps=KERAS_BN_EPS if original else 1e-5,
     )
     init_latent_weights_(model, latent_init, init_scale)
     return model

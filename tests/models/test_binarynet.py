@@ -61,6 +61,22 @@ def test_binarynet_cifar_is_section_3_3(original, binary):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("original", [False, True])
+def test_binarynet_cifar_batchnorm_hyperparameters(original):
+    """The original code's Keras BatchNormalization(): momentum 0.99 keeps 99% of the running
+    value per step (PyTorch's momentum is the other 1%), epsilon 1e-3; the [Re] text's PyTorch
+    code keeps torch's defaults (0.1, 1e-5). Checked on the running mean after one step."""
+    model = create_model("binarynet_cifar", original=original)
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    keep, eps = (0.99, 1e-3) if original else (0.9, 1e-5)
+    assert all(n.eps == eps for n in norms)
+    bn = norms[-1]
+    x = torch.randn(8, bn.num_features) + 3.0
+    bn.train()
+    bn(x)
+    torch.testing.assert_close(bn.running_mean, (1 - keep) * x.mean(0))
+
+
 def test_latent_init_and_scale():
     a = create_model("bnn_mnist", latent_init="uniform")
     assert all(m.weight.abs().max() <= 0.05 for m in _binary_layers(a))
