@@ -11,6 +11,7 @@ from torch import nn
 
 from lightnets.engine.config import load_config
 from lightnets.engine.trainer import Trainer
+from lightnets.experiments.plan import resolve_run
 from lightnets.models.resnet import BasicBlock
 
 torch.set_num_threads(1)
@@ -21,11 +22,16 @@ def test_recipe_is_the_papers_setting():
     assert c.model.name == "resnet50"
     assert c.model.args == {"norm": "gn", "norm_kwargs": {"num_groups": 32}, "zero_init_last": True}
     assert (c.data.name, c.data.train_split, c.data.val_split) == ("folder", "train", "val")
-    assert (c.data.batch_size, c.data.args) == (256, {"image_size": 224})
-    assert (c.optim.name, c.optim.lr, c.optim.momentum) == ("sgd", 0.1, 0.9)
+    assert c.data.args == {"image_size": 224}
+    assert (c.optim.name, c.optim.momentum) == ("sgd", 0.9)
     assert (c.optim.weight_decay, c.optim.norm_weight_decay) == (1e-4, 1e-4)  # gamma, beta too
-    # 0.1 at 32 images per GPU on 8 GPUs, 0.1 N / 32 for N per GPU: global batch / 256
-    assert c.optim.lr_reference_batch == 256
+    # §4.1: 32 images per GPU on 8 GPUs, lr 0.1; 0.1 N / 32 for N images per GPU
+    for processes, per, total, lr in ((8, 32, 256, 0.1), (1, 32, 32, 0.0125)):
+        plan = resolve_run(c, processes)
+        assert (plan["batch_per_process"], plan["global_batch"]) == (per, total)
+        assert plan["lr"] == pytest.approx(lr)
+    two = load_config("resnet50_gn_imagenet", ["data.batch_per_process=2"])
+    assert resolve_run(two, 8)["lr"] == pytest.approx(0.1 * 2 / 32)
     assert (c.schedule.name, c.schedule.unit) == ("multistep", "epoch")
     assert (c.schedule.milestones, c.schedule.gamma, c.train.epochs) == ([30, 60, 90], 0.1, 100)
 
@@ -49,7 +55,7 @@ def test_recipe_trains_on_an_image_folder(tmp_path):
         "model.name=resnet18",
         "model.args.cifar_stem=true",
         "data.args.image_size=32",
-        "data.batch_size=4",
+        "data.batch_per_process=4",
         "data.num_workers=0",
         "train.max_steps=2",
         "train.progress=false",
@@ -82,8 +88,11 @@ def test_resnet_gn_cifar_recipe_is_the_papers_setting_on_cifar():
         "norm_kwargs": {"num_groups": 32},
         "zero_init_last": True,
     }
-    assert (c.data.name, c.data.batch_size) == ("cifar10", 32)
-    assert (c.optim.lr, c.optim.lr_reference_batch) == (0.1, 32)  # 0.1 N / 32 per worker
+    assert c.data.name == "cifar10"
+    # the paper's rule: 0.1 for 32 images on each of 8 processes; one process: 1/8 of it
+    assert resolve_run(c, 8)["lr"] == pytest.approx(0.1)
+    assert resolve_run(c, 1)["lr"] == pytest.approx(0.0125)
+    assert resolve_run(c, 1)["batch_per_process"] == 32
     assert (c.optim.weight_decay, c.optim.norm_weight_decay) == (1e-4, 1e-4)
     assert (c.schedule.milestones, c.train.epochs) == ([30, 60, 90], 100)
 
@@ -94,22 +103,24 @@ def test_resnet_gn_cifar_recipe_trains_on_cifar_binary_files(tmp_path):
     write_cifar10(tmp_path / "data", "bin", per_batch=4, n_test=4)
     overrides = [
         f"data.root={tmp_path / 'data'}",
-        "data.batch_size=4",
+        "data.batch_per_process=4",
         "train.max_steps=2",
         "train.progress=false",
         "output.plot=false",
     ]
     trainer = Trainer(load_config("resnet_gn_cifar", overrides), tmp_path / "run")
     assert sum(isinstance(m, nn.GroupNorm) for m in trainer.model.modules()) == 20
-    assert trainer.base_lr == pytest.approx(0.1 * 4 / 32)
+    assert trainer.base_lr == pytest.approx(0.1 * 4 / 256)
     row = trainer.fit()
     assert trainer.step == 2 and 0.0 <= row["val_acc1"] <= 100.0
 
 
 def test_gn_mnist_recipe_is_the_small_scale_setting():
     c = load_config("gn_mnist")
-    assert (c.model.name, c.data.name, c.data.batch_size) == ("resnet_mini", "mnist5k", 32)
+    assert (c.model.name, c.data.name) == ("resnet_mini", "mnist5k")
     assert c.model.args["norm"] == "gn" and c.model.args["norm_kwargs"] == {"num_groups": 32}
-    assert (c.optim.lr, c.optim.lr_reference_batch, c.optim.norm_weight_decay) == (0.1, 32, 1e-4)
+    assert c.optim.norm_weight_decay == 1e-4
+    # one process with 32 images trains at the lr of one of the paper's 8 workers: 0.1
+    assert (resolve_run(c, 1)["batch_per_process"], resolve_run(c, 1)["lr"]) == (32, 0.1)
     # the paper's lr / 10 at 30%, 60%, 90% of training, rounded up: epochs 2 and 3 of 4
     assert (c.schedule.milestones, c.train.epochs) == ([2, 3], 4)

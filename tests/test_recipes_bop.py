@@ -71,9 +71,13 @@ def test_binarynet_cifar_trains_on_cifar_files(tmp_path):
     fcs = 512 * 4 * 4 * 1024 + 1024 * 1024 + 1024 * 10
     assert isinstance(trainer.bop, Bop) and trainer.bop.num_binary == convs + fcs
     assert any(isinstance(cb, NoFlipStopping) and cb.patience == 10 for cb in trainer.callbacks)
-    # 10% held out per class (stratified, rounded)
-    n_val = sum(round(int((files.train_y == c).sum()) * 0.1) for c in range(10))
-    assert (len(trainer.train_set), len(trainer.val_set)) == (70 - n_val, n_val)
+    # [Re] §3.3: "The last 10% of the training data was used for validation": the last 7 of
+    # the 70 images in file order (data_batch_5's tail), the same for every seed
+    assert (len(trainer.train_set), len(trainer.val_set)) == (63, 7)
+    val = torch.stack([trainer.val_set[i][0] for i in range(7)])
+    assert torch.equal(val, torch.as_tensor(files.train_x[-7:]))
+    train_last = trainer.train_set[62][0]
+    assert torch.equal(train_last, torch.as_tensor(files.train_x[62]))
     x, _ = next(iter(trainer.loaders["train"]))
     out = trainer.train_augment(x)
     assert out.shape == (50, 3, 32, 32) and out.min() >= -1 and out.max() <= 1

@@ -6,10 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from lightnets.data import build_batch_augment
 from lightnets.engine.config import load_config
 from lightnets.engine.trainer import Trainer
+from lightnets.models.registry import create_model
+from lightnets.nn.blocks import SqueezeExcite
 from tests.data.conftest import write_cifar10
 
 torch.set_num_threads(1)
@@ -19,9 +23,12 @@ QUIET = ["train.progress=false", "output.plot=false"]
 
 def test_finet_cifar_recipe_is_the_papers_setting():
     c = load_config("finet_cifar", ["data.root=/data/cifar"])
-    assert (c.model.name, c.model.args["cifar_stem"]) == ("finet_large", True)
-    assert (c.data.name, c.data.batch_size) == ("cifar10", 128)
-    assert c.data.augment == ["pad_crop", "hflip", "normalize"]
+    assert c.model.args["cifar_stem"] is True
+    # §5.3 sets the SE hidden size (200) for these runs: the model has Squeeze-Excite
+    model = create_model(c.model.name, **c.model.args)
+    se = [m for m in model.modules() if isinstance(m, SqueezeExcite)]
+    assert se and all(m.fc1.out_channels == 200 for m in se)
+    assert (c.data.name, c.data.per_process_batch(1)) == ("cifar10", 128)
     assert (c.optim.name, c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (
         "sgd",
         0.1,
@@ -36,11 +43,37 @@ def test_finet_cifar_recipe_is_the_papers_setting():
     assert c.train.epochs == 200
 
 
+@pytest.mark.parametrize("recipe", ["finet_cifar", "resnet_fbn_cifar"])
+def test_cifar_recipes_pad_to_36_then_crop_32(recipe):
+    """§5.3: "padded with 0 to 36x36 and then randomly cropped to 32x32": every training crop
+    is a 32x32 window of the image zero-padded by 2 pixels, and all 5x5 offsets occur."""
+    c = load_config(recipe, ["data.root=/data/cifar"])
+    ops = [op for op in c.data.augment if op != "normalize"]
+    aug = build_batch_augment(ops, train=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 256, (400, 3, 32, 32), dtype=torch.uint8, generator=g)
+    torch.manual_seed(0)
+    out = aug(x)
+    padded = F.pad(x.float() / 255, (2, 2, 2, 2))
+    offsets = set()
+    for i in range(len(x)):
+        found = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            for img in (padded[i], padded[i].flip(-1))
+            if torch.equal(out[i], img[:, dy : dy + 32, dx : dx + 32])
+        ]
+        assert found, f"crop {i} is not a window of the 2-pixel padded image"
+        offsets.update(found)
+    assert len(offsets) == 25  # 36 - 32 + 1 = 5 positions a side, no more (4-pixel: 81)
+
+
 def test_resnet_fbn_cifar_recipe_is_the_papers_setting():
     c = load_config("resnet_fbn_cifar", ["data.root=/data/cifar"])
     assert c.model.name == "resnet18"
     assert c.model.args == {"cifar_stem": True, "norm": "fbn", "fbn_groups": 2}
-    assert c.data.batch_size == 64
+    assert c.data.per_process_batch(1) == 64
     assert (c.optim.lr, c.optim.weight_decay, c.schedule.milestones, c.train.epochs) == (
         0.1,
         5e-4,

@@ -31,6 +31,26 @@ def add_repro_arguments(parser: argparse.ArgumentParser) -> None:
     for exp in list_experiments():
         p = sub.add_parser(exp.name, help=exp.help, description=exp.help)
         exp.add_arguments(p)
+        _add_plan_options(p)
+
+
+def _add_plan_options(p: argparse.ArgumentParser) -> None:
+    """--dry-run and --processes, which every experiment has."""
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print one JSON line per run (resolved model, data, batch, lr, schedule, "
+        "augmentation, metric and every deviation from the paper's setting) and exit: "
+        "nothing is trained and no data is read",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="W",
+        help="processes (GPUs) the runs are planned for: with a per-process batch the global "
+        "batch and the lr scale with it; a real run must be launched with as many (torchrun "
+        "--nproc_per_node W); default: as many as launched (1 without torchrun)",
+    )
 
 
 def repro_command(args: argparse.Namespace) -> int:
@@ -44,4 +64,15 @@ def repro_command(args: argparse.Namespace) -> int:
         if name is None and not getattr(args, "list", False):
             raise UserError("no experiment named: expected `lightnets repro NAME` (see above)")
         return 0
-    return int(get_experiment(name).run(args) or 0)
+    experiment = get_experiment(name)
+    processes = getattr(args, "processes", None)
+    if processes is not None and processes < 1:
+        raise UserError(f"--processes {processes}: expected at least 1")
+    if getattr(args, "dry_run", False):
+        if experiment.plan is None:
+            raise UserError(f"experiment {name!r} cannot plan its runs: --dry-run is not available")
+        from lightnets.experiments.base import print_plan
+
+        print_plan(experiment.plan(args))
+        return 0
+    return int(experiment.run(args) or 0)

@@ -3,13 +3,15 @@
 Each experiment module in this package registers itself with `register_experiment`, giving a
 function that adds its command-line options and a function that runs it. The shared runner
 (`lightnets.experiments.base`) trains the experiment's variants x seeds, resumably, and writes
-the results table with the paper's numbers beside ours.
+the results table with the paper's numbers beside ours; `lightnets.experiments.plan` resolves
+every run's setting and its deviations from the paper's before anything runs (`--dry-run`).
 
     @register_experiment("fbn-cifar", "FBN vs BN on CIFAR", add_arguments=_add_args)
     def fbn_cifar(args: argparse.Namespace) -> int: ...
 
 Experiment modules are imported on first use of the registry (every module of this package
-except `base`), so adding an experiment means adding a module; nothing else is edited.
+except `base` and `plan`), so adding an experiment means adding a module; nothing else is
+edited.
 """
 
 from __future__ import annotations
@@ -24,17 +26,19 @@ from lightnets.errors import UserError, did_you_mean
 
 __all__ = ["Experiment", "get_experiment", "list_experiments", "register_experiment"]
 
-_NOT_EXPERIMENTS = frozenset({"base"})
+_NOT_EXPERIMENTS = frozenset({"base", "plan"})
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """A registered experiment: its name, one-line help, option adder and run function."""
+    """A registered experiment: its name, one-line help, option adder, run function, and
+    plan function (parsed options -> one plan line per run, nothing trained: --dry-run)."""
 
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int | None]
+    plan: Callable[[argparse.Namespace], list[dict]] | None = None
 
 
 _EXPERIMENTS: dict[str, Experiment] = {}
@@ -45,17 +49,22 @@ def register_experiment(
     name: str,
     help: str,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    plan: Callable[[argparse.Namespace], list[dict]] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator: register `run(args) -> int | None` as experiment `name`.
 
     `add_arguments(parser)` adds the experiment's options to its `lightnets repro NAME`
-    parser; without it the experiment takes no options.
+    parser; without it the experiment takes no options. `plan(args)` returns the plan lines
+    of its runs (`lightnets.experiments.plan`) for `--dry-run`, which every experiment
+    parser has, with `--processes`.
     """
 
     def wrap(run: Callable) -> Callable:
         if name in _EXPERIMENTS and _EXPERIMENTS[name].run is not run:
             raise ValueError(f"experiment {name!r} is registered twice")
-        _EXPERIMENTS[name] = Experiment(name, help, add_arguments or (lambda parser: None), run)
+        _EXPERIMENTS[name] = Experiment(
+            name, help, add_arguments or (lambda parser: None), run, plan
+        )
         return run
 
     return wrap

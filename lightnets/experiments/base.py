@@ -17,9 +17,19 @@ number for that variant), run for each seed into `<out>/<variant>/seed<k>/`:
   becomes non-finite is recorded as failed (`failed.json` in its run dir) and not retried.
 
 Results: per run the final and the best value of the metric (best over evaluated epochs, as
-the Trainer's `best.pt`); per variant mean ± std over seeds (std with ddof=1, 0 for one seed).
-Written to `results.md` (also printed), `results.json`, `results.csv` and `results.png`. The
-numbers are what the runs measured; the paper's are shown beside them, never mixed in.
+the Trainer's `best.pt`), and with `median_of_last = k` the median of the last k evaluated
+epochs (the GN paper's statistic), which is then the headline number compared with the paper;
+per variant mean ± std over seeds (std with ddof=1, 0 for one seed). Written to `results.md`
+(also printed), `results.json`, `results.csv` and `results.png`. The numbers are what the
+runs measured; the paper's are shown beside them, never mixed in.
+
+Before anything trains, the runner prints the run plan (`lightnets.experiments.plan`: one
+JSON line per run with the resolved setting and its deviations from the paper's) and keeps it
+in `<out>/plan.jsonl`; `plan_spec` gives the same lines without running (`--dry-run`).
+
+Under torchrun every process runs this same loop (each run is one DDP training over all
+processes); only rank 0 writes and prints. `processes`, when given, must equal the number of
+processes the experiment is launched with, since the plan's batch and lr were resolved for it.
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ import csv
 import io
 import json
 import math
+import os
 import shutil
+import statistics
 import textwrap
 import time
 from collections.abc import Callable
@@ -36,8 +48,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightnets.engine import distributed as dist_utils
 from lightnets.engine.files import atomic_write_bytes
 from lightnets.errors import UserError
+from lightnets.experiments.plan import PaperSetting, plan_line
 
 __all__ = [
     "ExperimentResults",
@@ -48,7 +62,9 @@ __all__ = [
     "VariantResult",
     "format_table",
     "int_list",
+    "plan_spec",
     "prepare_out_dir",
+    "print_plan",
     "save_figure",
     "run_experiment",
     "summarize",
@@ -59,6 +75,7 @@ __all__ = [
 
 EXPERIMENT_FILE = "experiment.json"
 FAILED_FILE = "failed.json"
+PLAN_FILE = "plan.jsonl"
 
 
 @dataclass
@@ -67,7 +84,9 @@ class Variant:
 
     `name` is its directory name, `label` its row in the table, `overrides` the config
     overrides ("section.key=value") that make it, `paper` the paper's number (None where the
-    paper has none) and `baseline` the name of the variant it is compared with (Δ columns).
+    paper has none), `baseline` the name of the variant it is compared with (Δ columns) and
+    `paper_setting` what differs in the paper's setting of this variant from the experiment's
+    (PaperSetting fields, e.g. {"batch_per_process": 8, "lr": 0.025}).
     """
 
     name: str
@@ -75,6 +94,7 @@ class Variant:
     overrides: list[str] = field(default_factory=list)
     paper: float | None = None
     baseline: str | None = None
+    paper_setting: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +123,14 @@ class ExperimentSpec:
     as_error: bool = False
     #: callbacks for one run (a variant's name and seed -> fresh Callback objects)
     callbacks: Callable[[str, int], list] | None = None
+    #: the paper's setting of every run (variants change it with Variant.paper_setting)
+    paper_setting: PaperSetting | None = None
+    #: what the reported number is, in words, for the plan ("median top-1 error of ...")
+    plan_metric: str = ""
+    #: processes the runs are planned for (None: as many as the experiment is launched with)
+    processes: int | None = None
+    #: report the median of the metric over the last k evaluated epochs as the headline
+    median_of_last: int | None = None
 
 
 @dataclass
@@ -119,6 +147,8 @@ class RunResult:
     step: int | None = None
     seconds: float | None = None
     reason: str | None = None
+    #: median of the metric over the last k evaluated epochs (ExperimentSpec.median_of_last)
+    median_last: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -148,13 +178,22 @@ def summarize(values: list[float]) -> Summary:
 
 @dataclass
 class VariantResult:
-    """A variant's runs and their summaries; `reason` says why it has no result (n/a)."""
+    """A variant's runs and their summaries; `reason` says why it has no result (n/a).
+
+    `headline` is the number compared with the paper: the final value, or the median of the
+    last epochs when the experiment reports that (`median`).
+    """
 
     variant: Variant
     runs: list[RunResult]
     final: Summary
     best: Summary
     reason: str | None = None
+    median: Summary | None = None
+
+    @property
+    def headline(self) -> Summary:
+        return self.median if self.median is not None else self.final
 
     @property
     def status(self) -> str:
@@ -267,26 +306,120 @@ def save_figure(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-# ----------------------------------------------------------------------------- running
-def run_experiment(spec: ExperimentSpec) -> ExperimentResults:
-    """Train every variant x seed of `spec` (resuming / skipping what is done), write results."""
+# ----------------------------------------------------------------------------- planning
+def _is_main() -> bool:
+    """Rank 0 (or not launched by torchrun): the process that writes and prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(text: str) -> None:
+    if _is_main():
+        print(text, flush=True)
+
+
+def planned_processes(spec: ExperimentSpec) -> int:
+    """The processes the runs are planned for: spec.processes, or torchrun's world size."""
+    return spec.processes or dist_utils.env_world_size()
+
+
+def _paper_setting(spec: ExperimentSpec, variant: Variant) -> PaperSetting | None:
+    if spec.paper_setting is None:
+        return None
+    return spec.paper_setting.updated(**variant.paper_setting)
+
+
+def spec_configs(spec: ExperimentSpec) -> dict[tuple[str, int], Any]:
+    """The validated Config of every variant x seed (no data is read)."""
     from lightnets.engine.config import load_config
 
-    start = time.perf_counter()
-    # Every config first: a typo in an override fails now, not after hours of training.
-    configs = {
+    return {
         (v.name, seed): load_config(
             spec.recipe, [*spec.base_overrides, *v.overrides, f"train.seed={seed}"]
         )
         for v in spec.variants
         for seed in spec.seeds
     }
-    prepare_out_dir(spec.out, spec.experiment, spec.settings, spec.overwrite, spec.seeds)
+
+
+def plan_spec(spec: ExperimentSpec, configs: dict | None = None) -> list[dict[str, Any]]:
+    """One plan line per run (variant x seed): the resolved setting and its deviations from
+    the paper's (`lightnets.experiments.plan`). Trains nothing and reads no data."""
+    configs = configs if configs is not None else spec_configs(spec)
+    processes = planned_processes(spec)
+    return [
+        plan_line(
+            f"{v.name}/seed{seed}",
+            configs[(v.name, seed)],
+            processes,
+            spec.plan_metric or spec.metric_label,
+            _paper_setting(spec, v),
+        )
+        for v in spec.variants
+        for seed in spec.seeds
+    ]
+
+
+def plan_text(lines: list[dict[str, Any]]) -> str:
+    """The plan as JSON lines (what --dry-run prints and plan.jsonl holds)."""
+    return "".join(json.dumps(line, default=str, ensure_ascii=False) + "\n" for line in lines)
+
+
+def print_plan(lines: list[dict[str, Any]]) -> None:
+    """Print the plan, one JSON line per run (rank 0 only)."""
+    if _is_main():
+        print(plan_text(lines), end="", flush=True)
+
+
+def check_processes(spec: ExperimentSpec) -> None:
+    """Refuse to run when --processes differs from the processes actually launched."""
+    world = dist_utils.env_world_size()
+    if spec.processes is not None and spec.processes != world:
+        raise UserError(
+            f"--processes {spec.processes} but this experiment runs in {world} process(es): "
+            f"expected `torchrun --nproc_per_node {spec.processes} -m lightnets repro "
+            f"{spec.experiment} ...` (or --processes {world}); the plan's batch and lr are "
+            "resolved for the processes given"
+        )
+
+
+# ----------------------------------------------------------------------------- running
+def run_experiment(spec: ExperimentSpec) -> ExperimentResults:
+    """Train every variant x seed of `spec` (resuming / skipping what is done), write results."""
+    start = time.perf_counter()
+    check_processes(spec)
+    # Every config first: a typo in an override fails now, not after hours of training.
+    configs = spec_configs(spec)
+    plan = plan_spec(spec, configs)
+    print_plan(plan)
+    first_config = next(iter(configs.values()), None)
+    if first_config is not None:
+        dist_utils.init_distributed(dist_utils.local_device(first_config.train.device))
+    try:
+        results = _run_all(spec, configs, plan)
+    except BaseException:
+        dist_utils.shutdown_distributed(wait=False)
+        raise
+    dist_utils.shutdown_distributed()
+    outcome = ExperimentResults(spec, results, time.perf_counter() - start)
+    if _is_main():
+        write_results(outcome)
+        print()
+        print(format_table(outcome), flush=True)
+        print(f"results: {spec.out}/results.md, results.json, results.csv, results.png", flush=True)
+    return outcome
+
+
+def _run_all(
+    spec: ExperimentSpec, configs: dict[tuple[str, int], Any], plan: list[dict[str, Any]]
+) -> list[VariantResult]:
+    if _is_main():
+        prepare_out_dir(spec.out, spec.experiment, spec.settings, spec.overwrite, spec.seeds)
+        write_text(spec.out / PLAN_FILE, plan_text(plan))
+    dist_utils.barrier()
     total = len(spec.variants) * len(spec.seeds)
-    print(
+    _say(
         f"{spec.experiment}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = {total} "
-        f"runs into {spec.out}",
-        flush=True,
+        f"runs into {spec.out}"
     )
     datasets: dict[str, Any] = {}
     results: list[VariantResult] = []
@@ -300,36 +433,48 @@ def run_experiment(spec: ExperimentSpec) -> ExperimentResults:
             tag = f"[{index}/{total}] {variant.name} seed{seed}"
             run_dir = spec.out / variant.name / f"seed{seed}"
             if reason is not None:
-                print(f"{tag}: n/a ({reason})", flush=True)
+                _say(f"{tag}: n/a ({reason})")
                 runs.append(RunResult(variant.name, seed, str(run_dir), "n/a", reason=reason))
                 continue
             config = configs[(variant.name, seed)]
             callbacks = spec.callbacks(variant.name, seed) if spec.callbacks else []
             run = _run_one(
-                config, run_dir, variant.name, seed, spec.metric, tag, datasets, callbacks
+                config,
+                run_dir,
+                variant.name,
+                seed,
+                spec.metric,
+                tag,
+                datasets,
+                callbacks,
+                median_k=spec.median_of_last,
             )
             runs.append(_as_error(run) if spec.as_error else run)
-        ok = [r for r in runs if r.ok]
-        results.append(
-            VariantResult(
-                variant,
-                runs,
-                summarize([r.final for r in ok]),
-                summarize([r.best for r in ok if r.best is not None]),
-                reason,
-            )
-        )
-    outcome = ExperimentResults(spec, results, time.perf_counter() - start)
-    write_results(outcome)
-    print()
-    print(format_table(outcome), flush=True)
-    print(f"results: {spec.out}/results.md, results.json, results.csv, results.png", flush=True)
-    return outcome
+        results.append(variant_result(variant, runs, reason, spec.median_of_last))
+    return results
+
+
+def variant_result(
+    variant: Variant, runs: list[RunResult], reason: str | None, median_k: int | None = None
+) -> VariantResult:
+    """A variant's summaries over its finished runs."""
+    ok = [r for r in runs if r.ok]
+    median = None
+    if median_k:
+        median = summarize([r.median_last for r in ok if r.median_last is not None])
+    return VariantResult(
+        variant,
+        runs,
+        summarize([r.final for r in ok]),
+        summarize([r.best for r in ok if r.best is not None]),
+        reason,
+        median,
+    )
 
 
 def _as_error(run: RunResult) -> RunResult:
     """The run with its accuracy values (%) turned into errors (100 - accuracy)."""
-    for name in ("final", "best"):
+    for name in ("final", "best", "median_last"):
         value = getattr(run, name)
         if value is not None:
             setattr(run, name, 100.0 - value)
@@ -341,8 +486,8 @@ def _datasets_for(config, cache: dict[str, Any]):
     from lightnets.engine.trainer import build_datasets
 
     key = json.dumps(asdict(config.data), sort_keys=True, default=str)
-    if config.data.val_fraction > 0:  # the held-out split depends on the seed
-        key += f"/seed{config.train.seed}"
+    if config.data.val_fraction > 0 and config.data.val_holdout == "stratified":
+        key += f"/seed{config.train.seed}"  # the held-out split depends on the seed
     if key not in cache:
         cache[key] = build_datasets(config)
     return cache[key]
@@ -391,17 +536,28 @@ def _is_finished(ckpt: dict[str, Any], config) -> bool:
     return int(ckpt.get("epoch", 0)) >= config.train.epochs
 
 
-def _best_of(run_dir: Path, metric: str, fallback: float | None) -> float | None:
+def _metric_values(run_dir: Path, metric: str) -> list[float]:
+    """The metric's value of every evaluated epoch of a run, in order."""
     from lightnets.engine.logging import read_rows
 
-    values = [
+    return [
         float(r[metric])
         for r in read_rows(run_dir)
         if isinstance(r.get(metric), (int, float)) and not isinstance(r.get(metric), bool)
     ]
+
+
+def _best_of(run_dir: Path, metric: str, fallback: float | None) -> float | None:
+    values = _metric_values(run_dir, metric)
     if not values:
         return fallback
     return min(values) if metric.endswith("loss") else max(values)
+
+
+def median_of_last(run_dir: Path, metric: str, k: int) -> float | None:
+    """Median of the metric over the run's last k evaluated epochs (fewer if it has fewer)."""
+    values = _metric_values(run_dir, metric)[-k:]
+    return float(statistics.median(values)) if values else None
 
 
 def _run_one(
@@ -413,14 +569,21 @@ def _run_one(
     tag: str,
     datasets: dict,
     callbacks: list | None = None,
+    *,
+    median_k: int | None = None,
 ) -> RunResult:
+    """Train, resume or skip one run; every process of a DDP launch calls this together.
+    `median_k`: also record the median of the metric over the last median_k epochs."""
     from lightnets.engine.checkpoint import load_checkpoint
     from lightnets.engine.trainer import NonFiniteError, Trainer
+
+    def median() -> float | None:
+        return median_of_last(run_dir, metric, median_k) if median_k else None
 
     failed = run_dir / FAILED_FILE
     if failed.is_file():
         reason = json.loads(failed.read_text()).get("reason", "failed")
-        print(f"{tag}: skip (failed before: {reason}; --overwrite to retry)", flush=True)
+        _say(f"{tag}: skip (failed before: {reason}; --overwrite to retry)")
         return RunResult(variant, seed, str(run_dir), "failed", reason=reason)
     resume = False
     if (run_dir / "last.pt").is_file():
@@ -434,7 +597,7 @@ def _run_one(
             metrics = ckpt.get("metrics") or {}
             final = metrics.get(metric)
             best = _best_of(run_dir, metric, ckpt.get("best"))
-            print(f"{tag}: skip (finished) {_fmt_metric(metric, final, best)}", flush=True)
+            _say(f"{tag}: skip (finished) {_fmt_metric(metric, final, best)}")
             return RunResult(
                 variant,
                 seed,
@@ -444,14 +607,12 @@ def _run_one(
                 best=best,
                 epoch=ckpt.get("epoch"),
                 step=ckpt.get("step"),
+                median_last=median(),
             )
         resume = True
-        print(
-            f"{tag}: resume from epoch {ckpt.get('epoch')} step {ckpt.get('step')} ({run_dir})",
-            flush=True,
-        )
+        _say(f"{tag}: resume from epoch {ckpt.get('epoch')} step {ckpt.get('step')} ({run_dir})")
     else:
-        print(f"{tag}: start ({run_dir})", flush=True)
+        _say(f"{tag}: start ({run_dir})")
     start = time.perf_counter()
     try:
         trainer = Trainer(
@@ -465,13 +626,16 @@ def _run_one(
         row = trainer.fit()
     except NonFiniteError as err:
         reason = str(err).split(";")[0]
-        write_text(failed, json.dumps({"reason": reason}) + "\n")
-        print(f"{tag}: failed ({reason})", flush=True)
+        if _is_main():
+            write_text(failed, json.dumps({"reason": reason}) + "\n")
+        dist_utils.barrier()
+        _say(f"{tag}: failed ({reason})")
         return RunResult(variant, seed, str(run_dir), "failed", reason=reason)
+    dist_utils.barrier()  # rank 0 has written the run's files before anyone reads them
     seconds = time.perf_counter() - start
     final = row.get(metric)
     best = _best_of(run_dir, metric, trainer.best)
-    print(f"{tag}: done in {seconds:.0f} s, {_fmt_metric(metric, final, best)}", flush=True)
+    _say(f"{tag}: done in {seconds:.0f} s, {_fmt_metric(metric, final, best)}")
     return RunResult(
         variant,
         seed,
@@ -482,6 +646,7 @@ def _run_one(
         epoch=trainer.epoch,
         step=trainer.step,
         seconds=seconds,
+        median_last=median(),
     )
 
 
@@ -514,8 +679,8 @@ def _deltas(results: ExperimentResults, vr: VariantResult) -> tuple[float | None
     if base is None:
         return None, None
     ours = None
-    if vr.final.n and base.final.n:
-        ours = vr.final.mean - base.final.mean
+    if vr.headline.n and base.headline.n:
+        ours = vr.headline.mean - base.headline.mean
     paper = None
     if vr.variant.paper is not None and base.variant.paper is not None:
         paper = vr.variant.paper - base.variant.paper
@@ -526,13 +691,11 @@ def format_table(results: ExperimentResults) -> str:
     """The markdown results table (title, notes, one row per variant)."""
     spec = results.spec
     has_baseline = any(v.variant.baseline for v in results.variants)
-    head = [
-        "variant",
-        "ours (final)",
-        "ours (best epoch)",
-        spec.paper_label,
-        f"ours − {spec.paper_label}",
-    ]
+    k = spec.median_of_last
+    head = ["variant"]
+    if k:
+        head.append(f"ours (median of last {k})")
+    head += ["ours (final)", "ours (best epoch)", spec.paper_label, f"ours − {spec.paper_label}"]
     if has_baseline:
         head += ["Δ vs baseline (ours)", "Δ vs baseline (paper)"]
     lines = [f"## {spec.title}", ""]
@@ -542,10 +705,12 @@ def format_table(results: ExperimentResults) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for vr in results.variants:
         paper = vr.variant.paper
-        diff = vr.final.mean - paper if (vr.final.n and paper is not None) else None
+        diff = vr.headline.mean - paper if (vr.headline.n and paper is not None) else None
         best = _ours(vr.best, None, []) if vr.best.n else "—"
-        cells = [
-            vr.variant.label,
+        cells = [vr.variant.label]
+        if k:
+            cells.append(_ours(vr.headline, vr.reason, vr.runs))
+        cells += [
             _ours(vr.final, vr.reason, vr.runs),
             best,
             "—" if paper is None else f"{paper:.3f}",
@@ -555,12 +720,19 @@ def format_table(results: ExperimentResults) -> str:
             ours_d, paper_d = _deltas(results, vr)
             cells += [_signed(ours_d), _signed(paper_d)]
         lines.append("| " + " | ".join(cells) + " |")
+    median = (
+        f"median of last {k}: the median over each run's last {k} evaluated epochs (the "
+        f"number compared with the paper); "
+        if k
+        else ""
+    )
     lines += [
         "",
-        f"ours: {'100 − ' if spec.as_error else ''}{spec.metric} ({spec.metric_label}) at the "
-        "last epoch, mean ± std over seeds (ddof=1) and the number of seeds in parentheses; "
-        f"best epoch: the {'lowest' if spec.as_error else 'highest'} value over the evaluated "
-        "epochs (selected on the evaluation set, so optimistic).",
+        f"ours: {'100 − ' if spec.as_error else ''}{spec.metric} ({spec.metric_label}), mean ± "
+        "std over seeds (ddof=1) and the number of seeds in parentheses; "
+        f"{median}final: at the last epoch; best epoch: the "
+        f"{'lowest' if spec.as_error else 'highest'} value over the evaluated epochs (selected "
+        "on the evaluation set, so optimistic).",
     ]
     return "\n".join(lines)
 
@@ -581,9 +753,10 @@ def _results_dict(results: ExperimentResults) -> dict[str, Any]:
                 "baseline": vr.variant.baseline,
                 "final": asdict(vr.final),
                 "best": asdict(vr.best),
+                "median_of_last": None if vr.median is None else asdict(vr.median),
                 "diff_to_paper": (
-                    vr.final.mean - vr.variant.paper
-                    if vr.final.n and vr.variant.paper is not None
+                    vr.headline.mean - vr.variant.paper
+                    if vr.headline.n and vr.variant.paper is not None
                     else None
                 ),
                 "delta_vs_baseline": ours_d,
@@ -599,6 +772,7 @@ def _results_dict(results: ExperimentResults) -> dict[str, Any]:
         "recipe": spec.recipe,
         "base_overrides": spec.base_overrides,
         "metric": spec.metric,
+        "median_of_last": spec.median_of_last,
         "paper_label": spec.paper_label,
         "notes": spec.notes,
         "seconds": results.seconds,
@@ -619,6 +793,8 @@ def _csv_text(results: ExperimentResults) -> str:
             "final_std",
             "best_mean",
             "best_std",
+            "median_last_mean",
+            "median_last_std",
             "paper",
             "diff_to_paper",
             "final_values",
@@ -627,7 +803,8 @@ def _csv_text(results: ExperimentResults) -> str:
     )
     for vr in results.variants:
         paper = vr.variant.paper
-        diff = vr.final.mean - paper if (vr.final.n and paper is not None) else None
+        diff = vr.headline.mean - paper if (vr.headline.n and paper is not None) else None
+        median = vr.median or Summary(None, None, 0, [])
         writer.writerow(
             [
                 vr.variant.name,
@@ -638,6 +815,8 @@ def _csv_text(results: ExperimentResults) -> str:
                 _num(vr.final.std),
                 _num(vr.best.mean),
                 _num(vr.best.std),
+                _num(median.mean),
+                _num(median.std),
                 _num(paper),
                 _num(diff),
                 ";".join(f"{v:.4f}" for v in vr.final.values),
@@ -674,9 +853,9 @@ def plot_results(results: ExperimentResults, path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     xs = list(range(n))
-    means = [vr.final.mean if vr.final.n else 0.0 for vr in variants]
-    stds = [vr.final.std if vr.final.n else 0.0 for vr in variants]
-    have = [vr.final.n > 0 for vr in variants]
+    means = [vr.headline.mean if vr.headline.n else 0.0 for vr in variants]
+    stds = [vr.headline.std if vr.headline.n else 0.0 for vr in variants]
+    have = [vr.headline.n > 0 for vr in variants]
     values = [m for m, h in zip(means, have) if h]
     values += [vr.variant.paper for vr in variants if vr.variant.paper is not None]
     low = 0.0
@@ -690,7 +869,11 @@ def plot_results(results: ExperimentResults, path: Path) -> None:
         yerr=[s for s, h in zip(stds, have) if h],
         capsize=4,
         color="#4c72b0",
-        label="ours (final, mean ± std)",
+        label=(
+            f"ours (median of last {spec.median_of_last}, mean ± std)"
+            if spec.median_of_last
+            else "ours (final, mean ± std)"
+        ),
     )
     px = [x for x, vr in zip(xs, variants) if vr.variant.paper is not None]
     py = [vr.variant.paper for vr in variants if vr.variant.paper is not None]
@@ -699,7 +882,7 @@ def plot_results(results: ExperimentResults, path: Path) -> None:
     top = max(values) if values else 1.0
     top += max(1.0, 0.08 * (top - low))
     for x, vr in zip(xs, variants):
-        if not vr.final.n:
+        if not vr.headline.n:
             ax.text(x, low + 0.02 * (top - low), "n/a", ha="center", va="bottom", fontsize=9)
     ax.set_xticks(xs)
     ax.set_xticklabels([vr.variant.label for vr in variants], rotation=30, ha="right", fontsize=8)

@@ -15,9 +15,23 @@ Data: the bundled MNIST subset by default (`--data mnist5k`, a CPU runs each in 
 `resnet_mini` (ResNet for 28x28, every norm width a multiple of 64) with recipe `gn_mnist`,
 or VGG-16 at a quarter of the width. Real scale: `--data cifar10|cifar100 --root PATH` (recipe
 `resnet_gn_cifar`, ResNet-18) or `--data folder --root PATH` (ImageNet layout, recipe
-`resnet50_gn_imagenet` with lr 0.1 per 32 images). The lr decays at 30/60/90% of training as
+`resnet50_gn_imagenet`: the paper's own setting). The lr decays at 30/60/90% of training as
 the paper's epochs 30/60/90 of 100. The paper's numbers are ResNet-50 (VGG-16) ImageNet
 validation errors; at another scale they are shown for reference only.
+
+Batch and learning rate. N is always the images per process (`data.batch_per_process`: BN's
+statistics are computed over N images, "within each GPU"), and the global batch is N x W for
+W processes (`--processes W`; torchrun's). The paper's rule is lr = 0.1 x N x W / 256 (0.1
+for 32 images per GPU on 8 GPUs, 0.1 N / 32 for N per GPU): the folder and CIFAR scales use
+exactly that (lr_reference_batch 256), so `--processes 8` is the paper's setting and one
+process runs with 1/8 of its lr. The CPU scale (mnist5k, one process) uses lr = 0.1 x N x W /
+32 instead: the lr one of the paper's 8 workers used for its N images, which makes 4-epoch
+runs on 4000 images train at all (the paper's rule would leave 1/8 of it).
+
+Reported: the paper's statistic, the median top-1 error of the final 5 epochs (of 100), and
+the last and best epoch's. Runs of fewer epochs take the median over the same share of
+training, the last round(5% of the epochs) epochs and at least one (the final epoch's error at
+the CPU scale's 4 epochs).
 
 The numbers in the paper's tables were lost from the text we have (only the captions
 survived); they are taken from the published tables and agree with every value the text
@@ -34,10 +48,13 @@ from pathlib import Path
 from typing import Any
 
 from lightnets.commands import add_set_option
+from lightnets.data.registry import dataset_info
 from lightnets.engine.callbacks import Callback
+from lightnets.engine.distributed import env_world_size
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
-from lightnets.experiments.base import int_list, save_figure, toml_string, write_text
+from lightnets.experiments.base import int_list, plan_spec, save_figure, toml_string, write_text
+from lightnets.experiments.plan import PaperSetting
 
 # ResNet-50, ImageNet val top-1 error (%), 32 images/GPU unless a batch column says otherwise.
 #: Table 2 (and Table 1 for LN / IN at 32, the text for BRN at 4): [norm][images per worker].
@@ -72,10 +89,63 @@ BRN_WARMUP, BRN_RELAX = 0.05, 0.25
 #: The paper decays lr x0.1 at epochs 30, 60, 90 of 100.
 LR_DECAY_FRACTIONS = (0.3, 0.6, 0.9)
 MNIST_EPOCHS = {"resnet": 4, "vgg": 4}
-#: VGG-16's lr at 32 images (torchvision's VGG recipe uses 0.01; without a norm 0.1 diverges).
+#: VGG-16's lr at the CPU scale, at 32 images (0.1 without a norm diverges there).
 VGG_LR = 0.02
+#: VGG-16's lr per 256 images at the paper's scale (the paper gives none; torchvision's VGG
+#: recipe trains VGG-16 on ImageNet with 0.01 at a batch of 256).
+VGG_LR_PAPER_SCALE = 0.01
 PAPER_EPOCHS = 100
-REFERENCE_BATCH = 32
+#: The paper's workers and images per worker (§4.1: 8 GPUs, 32 images per GPU).
+PAPER_PROCESSES = 8
+PAPER_BATCH = 32
+#: lr = optim.lr x global batch / this: 256 at the paper's scale (0.1 per 256 images); the CPU
+#: scale's 32 is the lr one of the paper's workers used for its images (see the module doc)
+PAPER_REFERENCE_BATCH = 256
+CPU_REFERENCE_BATCH = 32
+#: the paper's statistic: the median error of the final 5 of its 100 epochs
+PAPER_MEDIAN_EPOCHS = 5
+
+#: §4.1's ImageNet augmentation as we can run it: the random-resized crop of [58] (done by
+#: the folder dataset per image while loading), horizontal flip, per-channel normalization.
+PAPER_AUGMENT = [
+    {
+        "random_resized_crop": {
+            "size": [224, 224],
+            "scale": [0.08, 1.0],
+            "ratio": [3 / 4, 4 / 3],
+            "when": "per image while loading",
+        }
+    },
+    {"hflip": {"p": 0.5}},
+    "normalize",
+]
+#: The paper's setting of the ResNet-50 runs (Sec. 4.1); variants add norm and batch.
+PAPER_SETTING = PaperSetting(
+    source="GN §4.1",
+    model="resnet50",
+    model_args={"zero_init_last": True},  # variants add their norm
+    dataset="folder",
+    processes=PAPER_PROCESSES,
+    batch_per_process=PAPER_BATCH,
+    global_batch=PAPER_PROCESSES * PAPER_BATCH,
+    lr=0.1,
+    weight_decay=1e-4,  # "for all weight layers, including gamma and beta"
+    epochs=PAPER_EPOCHS,
+    schedule={"name": "multistep", "unit": "epoch", "milestones": [30, 60, 90], "gamma": 0.1},
+    augment=PAPER_AUGMENT,
+    metric="median top-1 error (%) of the last 5 epochs on the val split",
+    config={"optim.name": "sgd", "optim.momentum": 0.9, "train.sync_bn": False},
+    notes=(
+        "no colour jitter or PCA lighting noise: the paper's augmentation is [58]'s as "
+        "implemented by fb.resnet.torch, of which we have the random-resized crop and the flip",
+    ),
+)
+
+
+def median_epochs(epochs: int) -> int:
+    """Epochs the reported median is taken over: the paper's last 5 of 100, the same share
+    of a run of `epochs` (at least 1)."""
+    return max(1, round(epochs * PAPER_MEDIAN_EPOCHS / PAPER_EPOCHS))
 
 
 def scaled_milestones(epochs: int) -> list[int]:
@@ -157,7 +227,7 @@ def _norm_list(text: str | None, default: tuple[str, ...], allowed: tuple[str, .
 
 
 class _Setting:
-    """What the data choice implies: recipe, base overrides, epochs, probe of the train size."""
+    """What the data choice implies: recipe, base overrides, epochs, batch and lr rule."""
 
     def __init__(self, args: argparse.Namespace, family: str) -> None:
         if args.seeds < 1:
@@ -170,12 +240,14 @@ class _Setting:
             raise UserError(f"--lr {args.lr}: expected a positive learning rate")
         self.data = args.data
         self.small = self.data == "mnist5k"
+        self.processes = getattr(args, "processes", None)
         overrides: list[str] = []
         if self.small:
             if args.root is not None:
                 raise UserError("--data mnist5k is bundled and reads no files: expected no --root")
             self.root = None
             self.recipe = "gn_mnist"
+            self.reference_batch = CPU_REFERENCE_BATCH
             default_epochs = MNIST_EPOCHS[family]
         else:
             if not args.root:
@@ -186,13 +258,16 @@ class _Setting:
             self.root = str(Path(args.root).expanduser().resolve())
             if self.data == "folder":
                 self.recipe = "resnet50_gn_imagenet"
-                overrides += [f"optim.lr_reference_batch={REFERENCE_BATCH}"]
             else:
                 self.recipe = "resnet_gn_cifar"
                 overrides += [f"data.name={self.data}"]
             overrides.append(f"data.root={toml_string(self.root)}")
+            self.reference_batch = PAPER_REFERENCE_BATCH
             default_epochs = PAPER_EPOCHS
+        # N images per process whatever the recipe says (its batch_size is not used)
+        overrides += ["data.batch_size=none", f"optim.lr_reference_batch={self.reference_batch}"]
         self.epochs = args.epochs or default_epochs
+        self.median_epochs = median_epochs(self.epochs)
         # 1 epoch: no decay inside the run, but multistep needs a milestone (one at the end)
         marks = scaled_milestones(self.epochs) or [self.epochs]
         milestones = ", ".join(str(m) for m in marks)
@@ -208,6 +283,15 @@ class _Setting:
         shown = {"mnist5k": "MNIST-5k", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
         self.shown_data = shown.get(self.data, "image folder")
         self.paper_label = "paper (ImageNet)" if self.data != "folder" else "paper"
+        val = "val" if self.data == "folder" else "test"
+        self.plan_metric = (
+            f"median top-1 error (%) of the last {self.median_epochs} epoch"
+            f"{'s' if self.median_epochs > 1 else ''} on the {val} split"
+        )
+
+    def batch(self, n: int) -> str:
+        """The override making N images per process."""
+        return f"data.batch_per_process={n}"
 
     def all_overrides(self, extra: list[str] = ()) -> list[str]:
         """Base, then experiment-specific, then the user's --set, then display options."""
@@ -224,29 +308,80 @@ class _Setting:
             **more,
         }
 
-    def train_size(self, overrides: list[str]) -> int:
-        """Images in one training epoch (to place BRN's warm-up in steps)."""
+    def train_size(self, overrides: list[str], read: bool) -> int | None:
+        """Images in one training epoch: known for the bundled and CIFAR data; otherwise
+        counted from the data when `read` (a plan reads nothing: None)."""
         from lightnets.engine.config import load_config
         from lightnets.engine.trainer import build_datasets
 
-        train, _ = build_datasets(load_config(self.recipe, overrides))
+        config = load_config(self.recipe, overrides)
+        known = dataset_info(config.data.name).get("train_size")
+        if known is not None and config.data.train_split == "train":
+            return int(known)
+        if not read:
+            return None
+        train, _ = build_datasets(config)
         return len(train)
+
+    def steps(self, size: int | None, batch: int) -> int | None:
+        """Optimizer steps of a run with `batch` images per process (None: size unknown)."""
+        if size is None:
+            return None
+        world = self.processes or env_world_size()
+        total = self.epochs * (math.ceil(size / world) // batch)  # each process's share
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def rule(self, base_lr: float) -> str:
+        """The learning-rate rule in words, for the notes."""
+        return (
+            f"lr = {base_lr:g} x N x W / {self.reference_batch} for N images on each of W "
+            "processes"
+            + (
+                " (the paper's rule)"
+                if self.reference_batch == PAPER_REFERENCE_BATCH
+                else " (the lr of one of the paper's 8 workers, reached with one process)"
+            )
+        )
 
 
 def _norm_overrides(kind: str, steps: int | None = None) -> list[str]:
-    """Config overrides selecting norm `kind` (with the paper's GN / BRN options)."""
+    """Config overrides selecting norm `kind` (with the paper's GN / BRN options). BRN's
+    warm-up is in steps: with `steps` None (a plan on data of unknown size) it is left out."""
     if kind == "gn":
         kwargs = "{num_groups = 32}"
     elif kind == "brn":
-        warmup = int(BRN_WARMUP * steps) if steps else 0
-        relax = int(BRN_RELAX * steps) if steps else 0
-        kwargs = (
-            f"{{r_max = {BRN_LIMITS['r_max']}, d_max = {BRN_LIMITS['d_max']}, "
-            f"warmup_steps = {warmup}, relax_steps = {relax}}}"
+        warmup = (
+            ""
+            if steps is None
+            else (
+                f", warmup_steps = {int(BRN_WARMUP * steps)}, "
+                f"relax_steps = {int(BRN_RELAX * steps)}"
+            )
         )
+        kwargs = f"{{r_max = {BRN_LIMITS['r_max']}, d_max = {BRN_LIMITS['d_max']}{warmup}}}"
     else:
         kwargs = "{}"
     return [f'model.args.norm="{kind}"', f"model.args.norm_kwargs={kwargs}"]
+
+
+def _paper_norm(kind: str) -> dict[str, Any]:
+    """The paper's model arguments for norm `kind` (BRN: its r_max / d_max, Sec. 4.1)."""
+    if kind == "gn":
+        return {"norm": "gn", "norm_kwargs": {"num_groups": 32}}
+    if kind == "brn":
+        return {
+            "norm": "brn",
+            "norm_kwargs.r_max": BRN_LIMITS["r_max"],
+            "norm_kwargs.d_max": BRN_LIMITS["d_max"],
+        }
+    return {"norm": kind, "norm_kwargs": {}}
+
+
+BRN_NOTE = (
+    f"not stated in the paper: Batch Renorm's r/d warm-up; ours is plain BN for the first "
+    f"{BRN_WARMUP:.0%} of the steps, then r_max / d_max relaxed to their limits over the next "
+    f"{BRN_RELAX:.0%} (Ioffe's schedule, in steps)"
+)
 
 
 def _note(setting: _Setting, recipe_overrides: list[str], seeds: int, what: str) -> list[str]:
@@ -274,9 +409,11 @@ def _gn_spec(
     variants: list,
     base: list[str],
     what: str,
+    paper_setting: PaperSetting = PAPER_SETTING,
     **settings: Any,
 ):
-    """The ExperimentSpec shared by the GN experiments: errors, paper column, notes, out dir."""
+    """The ExperimentSpec shared by the GN experiments: errors, paper column, notes, out dir,
+    the median of the last epochs as the headline, the plan's metric and paper setting."""
     from lightnets.experiments.base import ExperimentSpec
 
     return ExperimentSpec(
@@ -294,12 +431,18 @@ def _gn_spec(
         notes=_note(setting, base, args.seeds, what),
         overwrite=args.overwrite,
         as_error=True,
+        paper_setting=paper_setting,
+        plan_metric=setting.plan_metric,
+        processes=setting.processes,
+        median_of_last=setting.median_epochs,
     )
 
 
 # ----------------------------------------------------------------------------- gn-batch-size
-def batch_size_spec(args: argparse.Namespace):
-    """The runner's ExperimentSpec for parsed `gn-batch-size` arguments (validates them)."""
+def batch_size_spec(args: argparse.Namespace, read_data: bool = True):
+    """The runner's ExperimentSpec for parsed `gn-batch-size` arguments (validates them).
+    `read_data=False` (a plan): BRN's warm-up steps are left out where the size of the
+    training set is not known without reading it."""
     from lightnets.experiments.base import Variant
 
     setting = _Setting(args, "resnet")
@@ -308,20 +451,27 @@ def batch_size_spec(args: argparse.Namespace):
     if not batches:
         raise UserError("--batch-sizes none: expected at least one batch size")
     base = setting.all_overrides()
-    size = setting.train_size(base) if "brn" in norms else 0
+    size = setting.train_size(base, read_data) if "brn" in norms else None
     variants = []
     for kind in norms:
         for n in batches:
-            steps = setting.epochs * (size // n) if size else None
-            if steps and setting.max_steps:
-                steps = min(steps, setting.max_steps)
+            workers = PAPER_PROCESSES
+            paper = {
+                "model_args": _paper_norm(kind),
+                "batch_per_process": n,
+                "global_batch": n * workers,
+                "lr": 0.1 * n * workers / PAPER_REFERENCE_BATCH,
+            }
+            if kind == "brn":
+                paper["notes"] = (BRN_NOTE,)
             variants.append(
                 Variant(
                     name=f"{kind}-b{n}",
                     label=f"{NORM_LABELS[kind]}, {n}/worker",
-                    overrides=[*_norm_overrides(kind, steps), f"data.batch_size={n}"],
+                    overrides=[*_norm_overrides(kind, setting.steps(size, n)), setting.batch(n)],
                     paper=PAPER_TABLE2.get(kind, {}).get(n),
                     baseline=f"bn-b{n}" if "bn" in norms and kind != "bn" else None,
+                    paper_setting=paper,
                 )
             )
     lr = args.lr or 0.1
@@ -332,7 +482,7 @@ def batch_size_spec(args: argparse.Namespace):
         "gn-batch-size (Table 2): validation error vs images per worker",
         variants,
         base,
-        f"lr = {lr:g} x N / 32 for N images per worker (linear scaling rule); BRN with "
+        f"{setting.rule(lr)}; BRN with "
         f"r_max {BRN_LIMITS['r_max']}, d_max {BRN_LIMITS['d_max']}, plain BN for the first "
         f"{BRN_WARMUP:.0%} of the steps, limits relaxed over the next {BRN_RELAX:.0%}. "
         "Δ columns: this norm minus BN at the same batch size.",
@@ -353,8 +503,11 @@ def batch_size_table(results) -> str:
     norms = list(dict.fromkeys(v.variant.name.split("-b")[0] for v in results.variants))
     batches = list(dict.fromkeys(int(v.variant.name.split("-b")[1]) for v in results.variants))
     head = ["norm"] + [f"{n} img/worker" for n in batches]
+    k = spec.median_of_last or 1
+    what = f"median of the last {k} epochs" if k > 1 else "the final epoch's"
     lines = [
-        f"## gn-batch-size: top-1 error (%), ours (mean ± std over seeds) and ({spec.paper_label})",
+        f"## gn-batch-size: top-1 error (%), ours ({what}, mean ± std over seeds) and "
+        f"({spec.paper_label}: median of the last 5 epochs)",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -363,13 +516,13 @@ def batch_size_table(results) -> str:
         cells = [NORM_LABELS[kind]]
         for n in batches:
             vr = results.by_name(f"{kind}-b{n}")
-            cells.append(_cell(vr.final, vr.variant.paper) if vr else "—")
+            cells.append(_cell(vr.headline, vr.variant.paper) if vr else "—")
         lines.append("| " + " | ".join(cells) + " |")
     if "bn" in norms and "gn" in norms:
         cells = ["BN − GN"]
         for n in batches:
             bn, gn = results.by_name(f"bn-b{n}"), results.by_name(f"gn-b{n}")
-            ours = bn.final.mean - gn.final.mean if bn.final.n and gn.final.n else None
+            ours = bn.headline.mean - gn.headline.mean if bn.headline.n and gn.headline.n else None
             pb, pg = PAPER_TABLE2["bn"].get(n), PAPER_TABLE2["gn"].get(n)
             text = "—" if ours is None else f"{ours:+.2f}"
             if pb is not None and pg is not None:
@@ -393,8 +546,8 @@ def plot_batch_size(results, path: Path) -> None:
         xs, ys, es = [], [], []
         for n in batches:
             vr = results.by_name(f"{kind}-b{n}")
-            if vr is not None and vr.final.n:
-                xs.append(n), ys.append(vr.final.mean), es.append(vr.final.std)
+            if vr is not None and vr.headline.n:
+                xs.append(n), ys.append(vr.headline.mean), es.append(vr.headline.std)
         if xs:
             ours_ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=NORM_LABELS[kind])
         paper = PAPER_TABLE2.get(kind, {})
@@ -423,6 +576,7 @@ def plot_batch_size(results, path: Path) -> None:
     "gn-batch-size",
     "GN paper Table 2 / Fig. 1: BN, GN, BRN, LN, IN at 32..2 images per worker",
     add_arguments=add_batch_size_arguments,
+    plan=lambda args: plan_spec(batch_size_spec(args, read_data=False)),
 )
 def gn_batch_size(args: argparse.Namespace) -> int:
     """Run gn-batch-size; writes results.*, table2.md and fig1.png to the out dir."""
@@ -449,14 +603,20 @@ def groups_spec(args: argparse.Namespace):
     if not groups and not cpg:
         raise UserError("--groups none and --channels-per-group none: expected some variants")
     variants = []
+    batch = [setting.batch(PAPER_BATCH)]  # Table 3: 32 images per GPU
     for g in groups:
         variants.append(
             Variant(
                 name=f"G{g}",
                 label=f"G = {g}" + (" (LN)" if g == 1 else ""),
-                overrides=['model.args.norm="gn"', f"model.args.norm_kwargs={{num_groups = {g}}}"],
+                overrides=[
+                    'model.args.norm="gn"',
+                    f"model.args.norm_kwargs={{num_groups = {g}}}",
+                    *batch,
+                ],
                 paper=PAPER_TABLE3_GROUPS.get(g),
                 baseline="G32" if 32 in groups else None,
+                paper_setting={"model_args": {"norm": "gn", "norm_kwargs": {"num_groups": g}}},
             )
         )
     for c in cpg:
@@ -467,9 +627,13 @@ def groups_spec(args: argparse.Namespace):
                 overrides=[
                     'model.args.norm="gn"',
                     f"model.args.norm_kwargs={{channels_per_group = {c}}}",
+                    *batch,
                 ],
                 paper=PAPER_TABLE3_CPG.get(c),
                 baseline="G32" if 32 in groups else None,
+                paper_setting={
+                    "model_args": {"norm": "gn", "norm_kwargs": {"channels_per_group": c}}
+                },
             )
         )
     return _gn_spec(
@@ -479,7 +643,8 @@ def groups_spec(args: argparse.Namespace):
         "gn-groups (Table 3): GN group division",
         variants,
         setting.all_overrides(),
-        "32 images per worker. Δ columns: the variant minus G = 32 (the paper's default).",
+        f"32 images per worker, {setting.rule(args.lr or 0.1)}. Δ columns: the variant "
+        "minus G = 32 (the paper's default).",
         groups=groups,
         channels_per_group=cpg,
         lr=args.lr,
@@ -490,6 +655,7 @@ def groups_spec(args: argparse.Namespace):
     "gn-groups",
     "GN paper Table 3: number of groups G and channels per group",
     add_arguments=add_groups_arguments,
+    plan=lambda args: plan_spec(groups_spec(args)),
 )
 def gn_groups(args: argparse.Namespace) -> int:
     """Run gn-groups; writes results.* to the out dir."""
@@ -580,9 +746,31 @@ def _probe_batch(setting: _Setting, overrides: list[str], n: int):
     return torch.stack([train[i][0] for i in range(n)])
 
 
+class _ProbeCallbacks:
+    """spec.callbacks of gn-feature-dist: one FeaturePercentiles per run, all sharing one
+    probe batch, which is read from the data on the first call (so building the spec, and
+    planning it, reads no data)."""
+
+    def __init__(self, setting: _Setting, overrides: list[str], images: int, records: int):
+        self.setting, self.overrides = setting, overrides
+        self.images, self.records = images, records
+        self.probe = None
+        self.every: int | None = None
+
+    def __call__(self, variant: str, seed: int) -> list[Callback]:
+        from lightnets.engine.config import load_config
+
+        if self.probe is None:
+            self.probe = _probe_batch(self.setting, self.overrides, self.images)
+            config = load_config(self.setting.recipe, self.overrides)
+            size = self.setting.train_size(self.overrides, read=True)
+            steps = self.setting.steps(size, config.data.per_process_batch(1))
+            self.every = max(1, steps // self.records)
+        return [FeaturePercentiles(self.probe, self.every)]
+
+
 def feature_dist_spec(args: argparse.Namespace):
     """The runner's ExperimentSpec for parsed `gn-feature-dist` arguments (validates them)."""
-    from lightnets.engine.config import load_config
     from lightnets.experiments.base import Variant
 
     setting = _Setting(args, "vgg")
@@ -595,11 +783,13 @@ def feature_dist_spec(args: argparse.Namespace):
         # per group (G = 32 over 64..512 channels).
         model = ['model.name="vgg16"', "model.args={width = 0.25, cifar_stem = true}"]
         gn_groups_n = 8
+        lr = VGG_LR
     else:
         stem = "false" if setting.data == "folder" else "true"
         model = ['model.name="vgg16"', f"model.args={{cifar_stem = {stem}}}"]
         gn_groups_n = 32
-    lr = [] if args.lr is not None else [f"optim.lr={VGG_LR}"]
+        lr = VGG_LR_PAPER_SCALE
+    lr_override = [] if args.lr is not None else [f"optim.lr={lr}"]
     variants = []
     for kind in norms:
         kw = f"{{num_groups = {gn_groups_n}}}" if kind == "gn" else "{}"
@@ -607,20 +797,34 @@ def feature_dist_spec(args: argparse.Namespace):
             Variant(
                 name=kind,
                 label=NORM_LABELS[kind],
-                overrides=[f'model.args.norm="{kind}"', f"model.args.norm_kwargs={kw}"],
+                overrides=[
+                    f'model.args.norm="{kind}"',
+                    f"model.args.norm_kwargs={kw}",
+                    setting.batch(PAPER_BATCH),
+                ],
                 paper=PAPER_FIG6.get(kind),
                 baseline="bn" if "bn" in norms and kind != "bn" else None,
+                paper_setting={
+                    "model_args": _paper_norm(kind),
+                    "notes": (BRN_NOTE,) if kind == "brn" else (),
+                },
             )
         )
-    all_base = setting.all_overrides([*model, *lr])
-    size = setting.train_size(all_base)
-    config = load_config(setting.recipe, all_base)
-    steps = setting.epochs * (size // config.data.batch_size)
-    if setting.max_steps:
-        steps = min(steps, setting.max_steps)
-    every = max(1, steps // args.records)
-    probe = _probe_batch(setting, all_base, args.probe_images)
-
+    all_base = setting.all_overrides([*model, *lr_override])
+    paper = PAPER_SETTING.updated(
+        model="vgg16",
+        model_args={"zero_init_last": None},  # VGG has no residual blocks
+        lr=None,  # not given for VGG-16
+        notes=(
+            f"not stated in the paper: VGG-16's learning rate; ours is {lr:g} per "
+            f"{setting.reference_batch} images"
+            + (
+                " (torchvision's ImageNet recipe for VGG-16)"
+                if setting.reference_batch == PAPER_REFERENCE_BATCH
+                else ""
+            ),
+        ),
+    )
     spec = _gn_spec(
         args,
         setting,
@@ -629,13 +833,18 @@ def feature_dist_spec(args: argparse.Namespace):
         variants,
         all_base,
         f"Percentiles {', '.join(map(str, PERCENTILES))} of the last conv's output (before "
-        f"norm and ReLU) on the first {len(probe)} training images, every {every} steps.",
+        f"norm and ReLU) on the first {args.probe_images} training images (fewer if the "
+        f"training set is smaller), {args.records} records per run; "
+        f"{setting.rule(args.lr or lr)}.",
+        paper_setting=paper,
         norms=norms,
         lr=args.lr,
         probe_images=args.probe_images,
         records=args.records,
     )
-    spec.callbacks = lambda variant, seed: [FeaturePercentiles(probe, every)]
+    spec.callbacks = _ProbeCallbacks(
+        setting, [*all_base, setting.batch(PAPER_BATCH)], args.probe_images, args.records
+    )
     return spec
 
 
@@ -655,7 +864,7 @@ def plot_feature_dist(results, path: Path) -> None:
             steps = [r["step"] for r in records]
             for p in PERCENTILES:
                 ax.plot(steps, [r[str(p)] for r in records], label=f"{p}th")
-        error = f"{vr.final.mean:.2f}%" if vr.final.n else "n/a"
+        error = f"{vr.headline.mean:.2f}%" if vr.headline.n else "n/a"
         paper = vr.variant.paper
         ax.set_title(
             f"{vr.variant.label}: error {error}"
@@ -675,6 +884,7 @@ def plot_feature_dist(results, path: Path) -> None:
     "gn-feature-dist",
     "GN paper Fig. 6: VGG-16 feature percentiles over training, no norm / BN / GN",
     add_arguments=add_feature_dist_arguments,
+    plan=lambda args: plan_spec(feature_dist_spec(args)),
 )
 def gn_feature_dist(args: argparse.Namespace) -> int:
     """Run gn-feature-dist; writes results.* and fig6.png to the out dir."""

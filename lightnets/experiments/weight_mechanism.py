@@ -18,6 +18,11 @@ widths 8/16/32/64 + 128) or `--data buildings --root TILES` (Massachusetts tiles
 `lightnets data tile`, recipe `res_unet_buildings`, the paper's width and 180K iterations).
 Every run is evaluated at its last iteration on the test split (the paper's tables are test
 results), so the "final" numbers involve no selection on the test set.
+
+The paper's numbers: "each model is trained and tested 10 times independently" (Fig. 4 shows
+the spread of the 10 test results), and Tables I and II give one number per model; the paper
+does not say which statistic of the 10 runs that is (mean, median, best or one run), so the
+tables and plots here call it "the paper's number" and nothing more.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from typing import Any
 from lightnets.commands import add_set_option
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
-from lightnets.experiments.base import save_figure, summarize, toml_string, write_text
+from lightnets.experiments.base import plan_spec, save_figure, summarize, toml_string, write_text
+from lightnets.experiments.plan import PaperSetting
 
 #: Table I (W_BN ~ N(0, 1)): params, GFLOPs, mIoU, pixel acc., mean acc. (fractions as printed).
 PAPER_TABLE1: dict[str, dict[str, Any]] = {
@@ -73,6 +79,46 @@ CPU_WIDTHS = (8, 16, 32, 64, 128)
 PAPER_WIDTHS = (32, 64, 128, 256, 512)
 PROFILE_SIZE = (1, 3, 125, 125)
 METRICS = (("val_miou", "mIoU"), ("val_pixel_acc", "Pixel acc."), ("val_mean_acc", "Mean acc."))
+#: What the paper's tables hold, as far as the paper says.
+PAPER_STATISTIC = (
+    "one number per model from 10 independent runs; which statistic (mean, median, best or one "
+    "run) the paper does not say"
+)
+PLAN_METRIC = "mIoU, pixel accuracy and mean accuracy (%) on the test split"
+#: §IV.A's training settings (residual U-Net, Fig. 2; Massachusetts Buildings tiles).
+PAPER_SETTING = PaperSetting(
+    source="Qi & Zhao §IV.A",
+    model="res_unet",
+    model_args={"widths": list(PAPER_WIDTHS), "bn_weight_init": "normal"},
+    dataset="buildings",
+    processes=1,  # "trained on a GTX 1080Ti GPU and a GTX 2080Ti GPU": one GPU a run
+    batch_per_process=16,
+    global_batch=16,
+    lr=0.001,
+    weight_decay=5e-4,
+    max_steps=180_000,
+    schedule={"name": "poly", "unit": "step", "power": 0.9, "min_factor": 0.0},
+    augment=[
+        {"random_scale": {"scale_range": [0.5, 2.0]}},
+        {"random_crop": {"fill": 0.0}},
+        {"hflip": {"p": 0.5}},
+        "normalize",
+    ],
+    metric=PLAN_METRIC,
+    config={
+        "optim.name": "sgd",
+        "optim.momentum": 0.9,
+        "data.image_size": [125, 125],  # "random cropping (from 250x250 to 125x125)"
+        "data.val_split": "test",
+    },
+    notes=(
+        "not stated in the paper: the input normalization (ours: per-channel mean and std of "
+        "the training tiles) and the horizontal flip's probability (ours: 0.5)",
+    ),
+)
+TABLE_NOTE = (
+    f"the paper's number: {PAPER_STATISTIC}; ours: each run's last iteration, mean ± std over seeds"
+)
 
 
 # ----------------------------------------------------------------------------- options
@@ -145,7 +191,7 @@ def _widths(text: str | None, data: str) -> list[int]:
 class _Setting:
     """What the options imply: recipe, base overrides, settings of the experiment."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, check_root: bool = True) -> None:
         if args.seeds < 1:
             raise UserError(f"--seeds {args.seeds}: expected at least 1")
         if args.max_steps is not None and args.max_steps < 1:
@@ -170,7 +216,7 @@ class _Setting:
                     "--data synthetic"
                 )
             root = Path(args.root).expanduser().resolve()
-            if not root.is_dir():
+            if check_root and not root.is_dir():
                 raise UserError(f"--root {args.root}: no such directory: expected the tile folder")
             self.root = str(root)
             overrides.append(f"data.root={toml_string(self.root)}")
@@ -184,6 +230,7 @@ class _Setting:
         self.tail = ["train.progress=false"] if args.no_progress else []
         self.max_steps = args.max_steps
         self.lr = args.lr
+        self.processes = getattr(args, "processes", None)
 
     def base(self) -> list[str]:
         return [*self.overrides, *self.user_overrides, *self.tail]
@@ -240,11 +287,12 @@ def _pick_variants(text: str | None, bn_init: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- wm-table
-def table_spec(args: argparse.Namespace, experiment: str = "wm-table"):
-    """The runner's ExperimentSpec of wm-table (also the runs of wm-param-stats)."""
+def table_spec(args: argparse.Namespace, experiment: str = "wm-table", check_root: bool = True):
+    """The runner's ExperimentSpec of wm-table (also the runs of wm-param-stats);
+    `check_root=False` (a plan) accepts a --root that does not exist yet."""
     from lightnets.experiments.base import ExperimentSpec, Variant
 
-    setting = _Setting(args)
+    setting = _Setting(args, check_root)
     bn_init = args.bn_init
     names = _pick_variants(args.variants, bn_init)
     paper = PAPER_TABLE1 if bn_init == "normal" else PAPER_TABLE2
@@ -262,13 +310,14 @@ def table_spec(args: argparse.Namespace, experiment: str = "wm-table"):
                 ],
                 paper=None if row is None else 100 * row["miou"],
                 baseline="baseline" if "baseline" in names and name != "baseline" else None,
+                paper_setting={"model_args": {**_paper_fusion(margs), "bn_weight_init": bn_init}},
             )
         )
     table = "Table I" if bn_init == "normal" else "Table II"
     notes = [
         setting.note(args.seeds),
         f"W_BN init: {'N(0, 1)' if bn_init == 'normal' else '1'} ({table}). The paper's column "
-        "is its mean of 10 runs on the Massachusetts test tiles"
+        f"is its number on the Massachusetts test tiles ({PAPER_STATISTIC})"
         + (
             "; on synthetic scenes with a smaller model only the direction of differences is "
             "comparable."
@@ -293,7 +342,17 @@ def table_spec(args: argparse.Namespace, experiment: str = "wm-table"):
         paper_label="paper",
         notes=notes,
         overwrite=args.overwrite,
+        paper_setting=PAPER_SETTING.updated(
+            source=f"Qi & Zhao §IV.A, {table}", notes=(TABLE_NOTE,)
+        ),
+        plan_metric=PLAN_METRIC,
+        processes=setting.processes,
     )
+
+
+def _paper_fusion(margs: dict[str, Any]) -> dict[str, Any]:
+    """The paper's model arguments of a variant: its fusion and constant (alpha_i / beta_i)."""
+    return {k: v for k, v in margs.items() if k in ("fusion", "alpha", "beta")}
 
 
 def run_metrics(run_dir: str | Path) -> dict[str, float]:
@@ -407,7 +466,7 @@ def box_plot(results, path: Path, title: str, paper_best: dict[str, float] | Non
     ]
     marks = [(x, v) for x, v in marks if v is not None]
     if marks:
-        what = "paper best of 10" if paper_best else "paper mean of 10"
+        what = "paper: best of 10 runs" if paper_best else "paper (statistic of 10 runs not stated)"
         ax.scatter(*zip(*marks), marker="D", color="#c44e52", zorder=4, label=what)
         ax.legend(fontsize=8)
     ax.set_xticks(xs)
@@ -439,6 +498,7 @@ def _run_table(args: argparse.Namespace, experiment: str):
     "wm-table",
     "Weight mechanism Table I/II, Fig. 4/6: res_unet baseline / alpha / beta / dynamic / gate",
     add_arguments=add_table_arguments,
+    plan=lambda args: plan_spec(table_spec(args, check_root=False)),
 )
 def wm_table(args: argparse.Namespace) -> int:
     """Run wm-table; writes results.*, table1.md (table2.md) and fig4.png (fig6.png)."""
@@ -544,6 +604,7 @@ def plot_param_stats(stats: dict[str, Any], path: Path, title: str) -> None:
     "wm-param-stats",
     "Weight mechanism Fig. 5/7: per-layer mean / variance of conv weights, BN weights, biases",
     add_arguments=add_table_arguments,
+    plan=lambda args: plan_spec(table_spec(args, "wm-param-stats", check_root=False)),
 )
 def wm_param_stats(args: argparse.Namespace) -> int:
     """wm-table's runs (same out dir; trains what is missing), then param_stats.json and
@@ -565,11 +626,11 @@ def wm_param_stats(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- wm-fused
-def fused_spec(args: argparse.Namespace):
-    """The runner's ExperimentSpec of wm-fused."""
+def fused_spec(args: argparse.Namespace, check_root: bool = True):
+    """The runner's ExperimentSpec of wm-fused (`check_root=False`: see table_spec)."""
     from lightnets.experiments.base import ExperimentSpec, Variant
 
-    setting = _Setting(args)
+    setting = _Setting(args, check_root)
     variants = [
         Variant(
             name=name,
@@ -580,6 +641,7 @@ def fused_spec(args: argparse.Namespace):
             ],
             paper=None,
             baseline="w1" if name != "w1" else None,
+            paper_setting={"model_args": {"weight": weight}},
         )
         for name, (label, weight) in FUSED_VARIANTS.items()
     ]
@@ -602,6 +664,16 @@ def fused_spec(args: argparse.Namespace):
         metric_label="test mIoU (%)",
         notes=notes,
         overwrite=args.overwrite,
+        paper_setting=PAPER_SETTING.updated(
+            source="Qi & Zhao §IV.C (settings of §IV.A)",
+            model="fused_unet",
+            model_args={"bn_weight_init": None},
+            metric="mIoU (%) on the test split: the best of 10 runs and how many exceed 79.5%",
+            notes=("fused U-Net: our full-scale reading of Fig. 8 (lightnets.models.unet)",),
+        ),
+        plan_metric="mIoU (%) on the test split after the last iteration: best of N runs, "
+        "runs above 79.5%, and mean ± std",
+        processes=setting.processes,
     )
 
 
@@ -609,6 +681,7 @@ def fused_spec(args: argparse.Namespace):
     "wm-fused",
     "Weight mechanism Fig. 9: fused U-Net with weight 0.5 vs 1",
     add_arguments=add_fused_arguments,
+    plan=lambda args: plan_spec(fused_spec(args, check_root=False)),
 )
 def wm_fused(args: argparse.Namespace) -> int:
     """Run wm-fused; writes results.*, fig9.png and fig9.md (the paper's statistics beside ours)."""

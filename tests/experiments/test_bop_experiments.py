@@ -212,24 +212,43 @@ def test_hparams_toy_run(tmp_path):
         assert row["log_flip_ratio"] >= math.log(1e-9) - 1e-9
 
 
-def test_hparams_on_cifar_keeps_gamma_constant_and_runs_to_the_end(tmp_path):
-    """binarynet_cifar decays gamma every 100 epochs and stops after 10 flip-free epochs;
-    Fig. 2 compares constant gammas over whole runs, so bop-hparams turns both off."""
+def test_hparams_on_cifar_follows_section_3_3_unless_constant_gamma(tmp_path):
+    """Sec. 3.2: "identical to ... section 3.3 except for the number of epochs": by default
+    each run's gamma decays x0.1 every 100 epochs and it stops after 10 flip-free epochs;
+    --constant-gamma (ours) turns both off so whole runs at one gamma are compared."""
     from lightnets.engine.config import load_config
     from lightnets.experiments.bop import hparams_spec
 
     args = _args("bop-hparams", "--data", "cifar10", "--root", str(tmp_path), *_common(tmp_path))
     spec, _, _ = hparams_spec(args)
     config = load_config(spec.recipe, [*spec.base_overrides, *spec.variants[0].overrides])
+    assert (config.binary_schedule.name, config.binary_schedule.step_size) == ("step", 100)
+    assert config.binary_schedule.gamma == 0.1
+    assert config.train.stop_after_flipless_epochs == 10
+    assert any("Sec. 3.3's procedure" in note for note in spec.notes)
+    args = _args(
+        "bop-hparams",
+        "--data",
+        "cifar10",
+        "--root",
+        str(tmp_path),
+        "--constant-gamma",
+        *_common(tmp_path / "c"),
+    )
+    spec, _, _ = hparams_spec(args)
+    config = load_config(spec.recipe, [*spec.base_overrides, *spec.variants[0].overrides])
     assert config.binary_schedule.name == "constant"
     assert config.train.stop_after_flipless_epochs is None
-    assert any("no early stop" in note for note in spec.notes)
+    assert any("--constant-gamma, ours" in note for note in spec.notes)
+    with pytest.raises(UserError, match="--constant-gamma is for --data cifar10"):
+        hparams_spec(_args("bop-hparams", "--constant-gamma"))
     user = _args(
         "bop-hparams",
         "--data",
         "cifar10",
         "--root",
         str(tmp_path),
+        "--constant-gamma",
         "--set",
         "train.stop_after_flipless_epochs=3",
         "--out",

@@ -210,7 +210,7 @@ def test_build_spec_studies_and_recipes(tmp_path):
     spec = build_spec(_args("fbn-cifar", "--data", "cifar100", "--root", str(tmp_path)))
     assert spec.recipe == "finet_cifar" and spec.paper_label == "paper"
     assert len(spec.variants) == 8 and spec.seeds == [0, 1, 2]
-    assert "model.name=finet_large" in spec.base_overrides
+    assert "model.name=finet_large_se" in spec.base_overrides  # §5.3's SE hidden size
     assert not any(o.startswith("train.epochs") for o in spec.base_overrides)  # 200: the recipe
     assert str(spec.out).endswith("fbn-cifar-cifar100")
     spec = build_spec(
@@ -223,7 +223,7 @@ def test_build_spec_studies_and_recipes(tmp_path):
     ]
     spec = build_spec(_args("fbn-cifar", "--data", "mnist5k", "--channels-per-group", "20,50"))
     assert [v.name for v in spec.variants] == ["cpg20", "cpg50"]
-    assert "model.name=finet_small" in spec.base_overrides
+    assert "model.name=finet_small_se" in spec.base_overrides
     assert "train.epochs=10" in spec.base_overrides
     assert "schedule.milestones=[5, 8]" in spec.base_overrides
     assert spec.paper_label == "paper (CIFAR-10)"
@@ -291,7 +291,7 @@ def test_through_lightnets_main(capsys):
 
 @pytest.mark.parametrize(
     ("extra", "named"),
-    [([], "Table 5, Finet-large"), (["--model", "resnet18"], "Table 7, ResNet-18")],
+    [([], "Table 5, Finet-large (SE)"), (["--model", "resnet18"], "Table 7, ResNet-18")],
 )
 def test_small_scale_note_names_the_papers_model(extra, named):
     from lightnets.experiments.fbn import build_spec

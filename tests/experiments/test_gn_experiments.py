@@ -28,6 +28,7 @@ from lightnets.experiments.gn import (
     groups_spec,
     scaled_milestones,
 )
+from lightnets.experiments.plan import resolve_run
 from lightnets.models import create_model
 
 try:
@@ -134,9 +135,18 @@ def test_batch_size_toy_run(tmp_path, capsys):
         config = _run_config(run["run_dir"])
         assert config["model"]["name"] == "resnet_mini"
         assert config["model"]["args"]["norm"] == kind
-        assert config["data"]["batch_size"] == n
-        # lr 0.1 x N / 32 (linear scaling rule), not yet decayed (milestones [2, 3])
+        assert config["data"]["batch_per_process"] == n and "batch_size" not in config["data"]
+        # lr 0.1 x N / 32 (one of the paper's workers), not yet decayed (milestones [2, 3])
         assert _rows(run["run_dir"])[0]["lr"] == pytest.approx(0.1 * n / 32)
+        # 4 epochs: the median is taken over the last epoch (5% of them, at least one)
+        assert run["median_last"] == run["final"]
+    # the plan was printed before training and kept beside the results
+    plan = [json.loads(line) for line in (out / "plan.jsonl").read_text().splitlines()]
+    assert [p["run"] for p in plan] == [f"{name}/seed0" for name in names]
+    assert all(json.dumps(p, ensure_ascii=False) in printed for p in plan)
+    assert {p["metric"] for p in plan} == {
+        "median top-1 error (%) of the last 1 epoch on the test split"
+    }
 
     pivot = (out / "table2.md").read_text()
     rows = _table_rows(pivot)
@@ -153,7 +163,7 @@ def test_batch_size_toy_run(tmp_path, capsys):
     ]
     assert pivot.strip() in printed
     long_rows = _table_rows((out / "results.md").read_text())
-    assert long_rows["BN, 2/worker"][2] == "34.700" and long_rows["BRN, 2/worker"][2] == "—"
+    assert long_rows["BN, 2/worker"][3] == "34.700" and long_rows["BRN, 2/worker"][3] == "—"
 
 
 def test_groups_toy_run_with_an_unbuildable_g(tmp_path):
@@ -171,7 +181,7 @@ def test_groups_toy_run_with_an_unbuildable_g(tmp_path):
     assert by_name["cpg2"]["paper"] == 25.6 and by_name["cpg2"]["baseline"] == "G32"
     config = _run_config(by_name["cpg2"]["runs"][0]["run_dir"])
     assert config["model"]["args"]["norm_kwargs"] == {"channels_per_group": 2}
-    assert config["data"]["batch_size"] == 32
+    assert config["data"]["batch_per_process"] == 32
 
 
 def _fd_argv(out: Path) -> list[str]:
@@ -302,8 +312,8 @@ def test_batch_size_variants_paper_values_and_baselines():
         config = load_config(spec.recipe, [*spec.base_overrides, *v.overrides])
         kind, n = v.name.split("-b")
         n = int(n)
-        assert config.data.batch_size == n and config.model.args["norm"] == kind
-        assert config.optim.lr == 0.1 and config.optim.lr_reference_batch == 32
+        assert config.data.per_process_batch(1) == n and config.model.args["norm"] == kind
+        assert resolve_run(config, 1)["lr"] == pytest.approx(0.1 * n / 32)
         if kind == "brn":  # plain BN for 5% of the steps, limits relaxed over the next 25%
             total = 4 * (MNIST_TRAIN // n)
             assert config.model.args["norm_kwargs"] == {
@@ -342,7 +352,7 @@ def test_brn_warmup_in_steps(argv, expected):
         assert v.overrides == [
             'model.args.norm="brn"',
             f"model.args.norm_kwargs={kwargs}",
-            f"data.batch_size={n}",
+            f"data.batch_per_process={n}",
         ]
         assert v.baseline is None  # no BN among the norms
 
@@ -369,8 +379,11 @@ def test_batch_size_options_and_paper_scale_settings(tmp_path):
         _args("gn-batch-size", "--data", "folder", "--root", str(tmp_path), "--norms", "gn")
     )
     assert spec.recipe == "resnet50_gn_imagenet" and spec.paper_label == "paper"
-    assert "optim.lr_reference_batch=32" in spec.base_overrides
     assert str(spec.out).endswith("gn-batch-size-folder")
+    # the paper's rule at its scale: lr 0.1 x N x W / 256 (W = 1 without --processes)
+    config = load_config(spec.recipe, [*spec.base_overrides, *spec.variants[0].overrides])
+    assert resolve_run(config, 1)["lr"] == pytest.approx(0.1 * 32 / 256)
+    assert resolve_run(config, 8)["lr"] == pytest.approx(0.1)
 
 
 def test_groups_variants_and_paper_values():
@@ -388,6 +401,7 @@ def test_groups_variants_and_paper_values():
     assert by_name["G8"].overrides == [
         'model.args.norm="gn"',
         "model.args.norm_kwargs={num_groups = 8}",
+        "data.batch_per_process=32",  # Table 3: 32 images per GPU
     ]
     assert spec.as_error and spec.recipe == "gn_mnist"
     # every division of Table 3 exists in resnet_mini (its norm widths are multiples of 64)
