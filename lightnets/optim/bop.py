@@ -227,7 +227,10 @@ class Bop(torch.optim.Optimizer):
                 params.append(p)
                 grads.append(p.grad)
                 averages.append(state["m"])
-            count = torch.zeros((), dtype=torch.int64)
+            # on the weights' device even for a group without gradients: gathering the counts
+            # must not copy from the host (a blocking copy is a device sync)
+            home = group["params"][0].device if group["params"] else torch.device("cpu")
+            count = torch.zeros((), dtype=torch.int64, device=home)
             if params:
                 gamma, tau = float(group["gamma"]), float(group["threshold"])
                 # tau = 0 inclusive: a zero average is no signal, so > as well
@@ -267,7 +270,7 @@ class Bop(torch.optim.Optimizer):
         counts = self._last_counts
         if counts is None:
             return None
-        # a group without gradients counts on the CPU; gather on the accelerator, if any
+        # every group counts on its weights' device; gather on the accelerator, if any
         device = next((c.device for c in counts if c.device.type != "cpu"), counts[0].device)
         return torch.stack([c.to(device) for c in counts]).sum()
 
