@@ -4,8 +4,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+GPU_CHECK_OUT ?= gpu-check.json
+GPU_CHECK_BUDGET ?= 450
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +26,11 @@ test: install lint
 
 demo: install
 	$(PY) -m lightnets demo
+
+# The GPU lane (CONTRIBUTING.md): the cuda tests and the fbn/norm/bop benchmarks on CUDA, one
+# JSON summary in $(GPU_CHECK_OUT); exits non-zero on any failure, 2 without a CUDA device.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) --budget $(GPU_CHECK_BUDGET)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -5,7 +5,7 @@ with a fixed random gradient. Three optimizers step over copies of them, interle
 round in one process (the order rotates every round, so drift in machine load hits all
 alike):
 - `adam` (the baseline): torch.optim.Adam with torch's defaults (lr 1e-3, its default
-  implementation for CPU tensors);
+  implementation for the device: a for-loop on CPU tensors, foreach on CUDA);
 - `adam_foreach`: the same with foreach=True (torch's multi-tensor kernels);
 - `bop`: lightnets.optim.Bop (gamma 1e-4, threshold 1e-8; the moving average, the flip test
   and the flip count).
@@ -13,6 +13,10 @@ Goal: bop / adam <= 1.0. Also reported: the bytes of optimizer state each keeps 
 average per weight; Adam: two moments, plus a step counter per tensor). Prints one JSON line.
 
     OMP_NUM_THREADS=1 python benchmarks/bop_step.py --iters 20 --threads 1
+    python benchmarks/bop_step.py --device cuda --iters 50 --warmup 5
+
+On CUDA every timed step is bracketed by torch.cuda.synchronize(), so the time is the step's
+kernels, not only their launch.
 """
 
 from __future__ import annotations
@@ -46,14 +50,21 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20, help="timed steps per optimizer")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
 
     torch.manual_seed(0)
     model = create_model("binarynet_cifar", mode="bop")
-    weights = [w.detach() for w in binary_parameters(model)]
+    weights = [w.detach().to(device) for w in binary_parameters(model)]
     gen = torch.Generator().manual_seed(1)
-    grads = [1e-3 * torch.randn(w.shape, generator=gen) for w in weights]
+    grads = [(1e-3 * torch.randn(w.shape, generator=gen)).to(device) for w in weights]
     del model
 
     def params() -> list[torch.nn.Parameter]:
@@ -77,8 +88,10 @@ def main() -> None:
     for i in range(args.iters):
         k = i % len(names)
         for name in names[k:] + names[:k]:
+            sync()
             start = time.perf_counter()
             optimizers[name].step()
+            sync()
             times[name].append((time.perf_counter() - start) * 1e3)
     flips = optimizers["bop"].last_flips
 
@@ -103,6 +116,8 @@ def main() -> None:
         "bop_state_over_adam_state": round(state["bop"] / state["adam"], 3),
         "bop_last_flips": flips,
         "torch": torch.__version__,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "cpu": platform.processor() or platform.machine(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
