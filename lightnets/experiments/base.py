@@ -62,6 +62,7 @@ __all__ = [
     "VariantResult",
     "format_table",
     "int_list",
+    "is_main_process",
     "plan_spec",
     "prepare_out_dir",
     "print_plan",
@@ -307,13 +308,14 @@ def save_figure(fig: Any, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- planning
-def _is_main() -> bool:
-    """Rank 0 (or not launched by torchrun): the process that writes and prints."""
+def is_main_process() -> bool:
+    """Rank 0 (or not launched by torchrun): the process that writes and prints. Experiments
+    write their own tables and figures only there, after run_experiment."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def _say(text: str) -> None:
-    if _is_main():
+    if is_main_process():
         print(text, flush=True)
 
 
@@ -366,7 +368,7 @@ def plan_text(lines: list[dict[str, Any]]) -> str:
 
 def print_plan(lines: list[dict[str, Any]]) -> None:
     """Print the plan, one JSON line per run (rank 0 only)."""
-    if _is_main():
+    if is_main_process():
         print(plan_text(lines), end="", flush=True)
 
 
@@ -401,7 +403,7 @@ def run_experiment(spec: ExperimentSpec) -> ExperimentResults:
         raise
     dist_utils.shutdown_distributed()
     outcome = ExperimentResults(spec, results, time.perf_counter() - start)
-    if _is_main():
+    if is_main_process():
         write_results(outcome)
         print()
         print(format_table(outcome), flush=True)
@@ -412,7 +414,7 @@ def run_experiment(spec: ExperimentSpec) -> ExperimentResults:
 def _run_all(
     spec: ExperimentSpec, configs: dict[tuple[str, int], Any], plan: list[dict[str, Any]]
 ) -> list[VariantResult]:
-    if _is_main():
+    if is_main_process():
         prepare_out_dir(spec.out, spec.experiment, spec.settings, spec.overwrite, spec.seeds)
         write_text(spec.out / PLAN_FILE, plan_text(plan))
     dist_utils.barrier()
@@ -626,7 +628,7 @@ def _run_one(
         row = trainer.fit()
     except NonFiniteError as err:
         reason = str(err).split(";")[0]
-        if _is_main():
+        if is_main_process():
             write_text(failed, json.dumps({"reason": reason}) + "\n")
         dist_utils.barrier()
         _say(f"{tag}: failed ({reason})")

@@ -36,7 +36,13 @@ from typing import Any
 from lightnets.commands import add_set_option
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
-from lightnets.experiments.base import plan_spec, save_figure, toml_string, write_text
+from lightnets.experiments.base import (
+    is_main_process,
+    plan_spec,
+    save_figure,
+    toml_string,
+    write_text,
+)
 from lightnets.experiments.plan import PaperSetting
 
 #: [Re] Table 1 (MNIST, 10 random initializations): mean accuracy and its variance.
@@ -786,9 +792,15 @@ def approx_table1(results) -> str:
 )
 def bop_approx(args: argparse.Namespace) -> int:
     """Run bop-approx; writes results.*, table1.md to the out dir."""
+    from lightnets.engine.distributed import env_world_size
     from lightnets.experiments.base import check_processes, print_plan
 
     spec, phase2 = approx_spec(args)
+    if env_world_size() > 1:
+        raise UserError(
+            f"bop-approx runs in one process (its second phase evaluates and retrains the "
+            f"first's model in place), not {env_world_size()}: expected it without torchrun"
+        )
     check_processes(spec)
     print_plan(approx_plan(args))
     run_approx(spec, phase2)
@@ -891,6 +903,8 @@ def bop_lr(args: argparse.Namespace) -> int:
     from lightnets.experiments.base import run_experiment
 
     results = run_experiment(lr_spec(args))
+    if not is_main_process():
+        return 0
     plot_curves_by_variant(
         results,
         results.spec.out / "fig1.png",
@@ -1066,6 +1080,8 @@ def bop_hparams(args: argparse.Namespace) -> int:
 
     spec, gammas, taus = hparams_spec(args)
     results = run_experiment(spec)
+    if not is_main_process():
+        return 0
     plot_hparams(results, results.spec.out / "fig2.png", gammas, taus, args.sigma)
     print(f"plot: {results.spec.out}/fig2.png")
     return 0
@@ -1175,6 +1191,8 @@ def bop_cifar(args: argparse.Namespace) -> int:
 
     spec = cifar_spec(args)
     results = run_experiment(spec)
+    if not is_main_process():
+        return 0
     records = []
     for vr in results.variants:
         for run in (r for r in vr.runs if r.ok):

@@ -53,7 +53,14 @@ from lightnets.engine.callbacks import Callback
 from lightnets.engine.distributed import env_world_size
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
-from lightnets.experiments.base import int_list, plan_spec, save_figure, toml_string, write_text
+from lightnets.experiments.base import (
+    int_list,
+    is_main_process,
+    plan_spec,
+    save_figure,
+    toml_string,
+    write_text,
+)
 from lightnets.experiments.plan import PaperSetting
 
 # ResNet-50, ImageNet val top-1 error (%), 32 images/GPU unless a batch column says otherwise.
@@ -583,6 +590,8 @@ def gn_batch_size(args: argparse.Namespace) -> int:
     from lightnets.experiments.base import run_experiment
 
     results = run_experiment(batch_size_spec(args))
+    if not is_main_process():
+        return 0
     table = batch_size_table(results)
     write_text(results.spec.out / "table2.md", table + "\n")
     plot_batch_size(results, results.spec.out / "fig1.png")
@@ -891,6 +900,8 @@ def gn_feature_dist(args: argparse.Namespace) -> int:
     from lightnets.experiments.base import run_experiment
 
     results = run_experiment(feature_dist_spec(args))
+    if not is_main_process():
+        return 0
     plot_feature_dist(results, results.spec.out / "fig6.png")
     print(f"plot: {results.spec.out}/fig6.png")
     return 0

@@ -36,7 +36,14 @@ from typing import Any
 from lightnets.commands import add_set_option
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
-from lightnets.experiments.base import plan_spec, save_figure, summarize, toml_string, write_text
+from lightnets.experiments.base import (
+    is_main_process,
+    plan_spec,
+    save_figure,
+    summarize,
+    toml_string,
+    write_text,
+)
 from lightnets.experiments.plan import PaperSetting
 
 #: Table I (W_BN ~ N(0, 1)): params, GFLOPs, mIoU, pixel acc., mean acc. (fractions as printed).
@@ -482,6 +489,8 @@ def _run_table(args: argparse.Namespace, experiment: str):
     from lightnets.experiments.base import run_experiment
 
     results = run_experiment(table_spec(args, experiment))
+    if not is_main_process():
+        return results
     out = results.spec.out
     name = "table1.md" if args.bn_init == "normal" else "table2.md"
     fig = "fig4.png" if args.bn_init == "normal" else "fig6.png"
@@ -610,6 +619,8 @@ def wm_param_stats(args: argparse.Namespace) -> int:
     """wm-table's runs (same out dir; trains what is missing), then param_stats.json and
     fig5.png (fig7.png with --bn-init ones)."""
     results = _run_table(args, "wm-param-stats")
+    if not is_main_process():
+        return 0
     stats = param_stats(results)
     out = results.spec.out
     write_text(out / "param_stats.json", json.dumps(stats, indent=1) + "\n")
@@ -688,6 +699,8 @@ def wm_fused(args: argparse.Namespace) -> int:
     from lightnets.experiments.base import run_experiment
 
     results = run_experiment(fused_spec(args))
+    if not is_main_process():
+        return 0
     out = results.spec.out
     box_plot(
         results,
