@@ -438,6 +438,8 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "step": self.step,
             "best": self.best,
+            "processes": self.world,
+            "batch_per_process": self.batch_size,
             "train_sums": dict(self.train_sums),
             "rng": rng_state(),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
@@ -459,6 +461,14 @@ class Trainer:
             raise UserError(
                 f"checkpoint {ckpt['path']} holds model {ckpt.get('model_name')!r}, but the "
                 f"config asks for {self.config.model.name!r}: expected the same model"
+            )
+        saved = (ckpt.get("processes"), ckpt.get("batch_per_process"))
+        if saved[0] is not None and saved != (self.world, self.batch_size):
+            raise UserError(
+                f"checkpoint {ckpt['path']} was trained with {saved[0]} process(es) x "
+                f"{saved[1]} images, this resume has {self.world} x {self.batch_size}: expected "
+                "the same (the batch, the lr scaled from it and the position in the epoch "
+                "depend on them); launch it as it was started"
             )
         load_model_state(self.model, ckpt["model"], ckpt["path"])
         try:

@@ -290,3 +290,77 @@ def test_random_scale_crop_reproducible():
     a = aug(x)
     torch.manual_seed(5)
     assert torch.equal(a, aug(x)) and a.shape == (8, 3, 10, 10)
+
+
+# ---------------------------------------------------------------------------- per-op parameters
+def test_per_op_parameters_are_used_and_described():
+    """{pad_crop = {padding = 2}}: a window of the 2-pixel padded image (offsets 0..4), where
+    the default pads 4; hflip's p per op; describe_augment writes every parameter out."""
+    from lightnets.data import describe_augment
+
+    x = _batch(n=64)
+    torch.manual_seed(0)
+    out = build_batch_augment([{"pad_crop": {"padding": 2}}, {"hflip": {"p": 0.0}}])(x)
+    padded = F.pad(x.float() / 255, (2, 2, 2, 2))
+    offsets = set()
+    for i in range(len(x)):
+        found = [
+            (dy, dx)
+            for dy in range(5)
+            for dx in range(5)
+            if torch.equal(out[i], padded[i, :, dy : dy + 12, dx : dx + 10])
+        ]
+        assert found, f"sample {i} is not a window of the 2-pixel padded image"
+        offsets.update(found)
+    assert len(offsets) > 5  # drawn per sample among the 25
+    assert describe_augment([{"pad_crop": {"padding": 2}}, "hflip", "normalize"]) == [
+        {"pad_crop": {"padding": 2, "fill": 0.0}},
+        {"hflip": {"p": 0.5}},
+        "normalize",
+    ]
+    assert describe_augment("random_scale,random_crop") == [
+        {"random_scale": {"scale_range": [0.5, 2.0]}},
+        {"random_crop": {"fill": 0.0}},
+    ]
+    # a keyword option is a default for every op that has the parameter; per op wins
+    aug = build_batch_augment([{"pad_crop": {"padding": 1}}, "pad_crop"], padding=3)
+    assert [op.params["padding"] for op in aug.op_list] == [1, 3]
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ([{"pad_crop": {"pading": 2}}], "'pad_crop' has no parameter 'pading' (did you mean"),
+        ([{"hflip": {"p": 2}}], "p=2 is invalid: expected 0 <= p <= 1"),
+        ([{"pad_crop": {"padding": 1.5}}], "padding=1.5 is invalid"),
+        ([{"normalize": {"x": 1}}], "'normalize' has no parameter 'x': it takes none"),
+        ([{"pad_crop": {}, "hflip": {}}], "expected one op per table"),
+        ([{"pad_crop": 2}], "parameters 2 are invalid: expected a table"),
+        ([{"hflp": {}}], "unknown augmentation 'hflp' (did you mean 'hflip'?)"),
+        ([{"random_resized_crop": {"scale": [0.5]}}], "scale=[0.5] is invalid"),
+    ],
+)
+def test_per_op_parameter_errors(spec, fragment):
+    with pytest.raises(UserError) as err:
+        build_batch_augment(spec)
+    assert fragment in str(err.value)
+
+
+def test_recipe_and_command_line_take_per_op_parameters():
+    from lightnets.engine.config import load_config
+
+    config = load_config(
+        "mnist_cnn", ['data.augment=[{pad_crop = {padding = 2}}, "hflip", "normalize"]']
+    )
+    assert config.data.augment == [{"pad_crop": {"padding": 2}}, "hflip", "normalize"]
+    with pytest.raises(UserError, match=r"config value data.augment: .*no parameter 'pading'"):
+        load_config("mnist_cnn", ["data.augment=[{pad_crop = {pading = 2}}]"])
+
+
+def test_per_op_parameters_survive_the_saved_config(tmp_path):
+    from lightnets.engine.config import load_config, save_config
+
+    config = load_config("mnist_cnn", ['data.augment=[{pad_crop = {padding = 2}}, "normalize"]'])
+    save_config(config, tmp_path / "config.toml")
+    again = load_config(tmp_path / "config.toml")
+    assert again.data.augment == config.data.augment

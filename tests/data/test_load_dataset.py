@@ -129,6 +129,20 @@ def test_split_train_val_is_stratified_disjoint_and_deterministic():
     assert not torch.equal(other.images, val.images)
 
 
+def test_split_train_val_last_is_the_tail_in_order_whatever_the_seed():
+    """holdout="last" ([Re] Bop §3.3: "The last 10% of the training data"): the final
+    round(n x fraction) samples in the dataset's order, the rest before them, seed-free."""
+    ds = load_dataset("mnist5k")
+    train, val = split_train_val(ds, 0.1, seed=3, holdout="last")
+    assert (len(train), len(val)) == (3600, 400)
+    assert torch.equal(val.images, ds.images[3600:]) and torch.equal(train.images, ds.images[:3600])
+    assert torch.equal(val.targets, ds.targets[3600:])
+    _, other = split_train_val(ds, 0.1, seed=4, holdout="last")
+    assert torch.equal(other.images, val.images)
+    with pytest.raises(UserError, match="holdout='random': expected 'stratified' or 'last'"):
+        split_train_val(ds, 0.1, holdout="random")
+
+
 def test_split_train_val_of_a_generic_dataset(files, tmp_path):
     folder = _all_datasets(files, tmp_path)[3]
     train, val = split_train_val(folder, 0.5, seed=0)

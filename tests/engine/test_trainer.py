@@ -137,3 +137,50 @@ def test_sync_bn_syncs_fbn_statistics_and_refuses_bn_on_cpu():
         sync_batch_statistics(
             nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), torch.device("cpu")
         )
+
+
+def test_batch_per_process_sets_the_global_batch_and_the_lr(tmp_path):
+    """N images per process, W processes: global batch N x W, lr scaled on the global batch
+    (one process here); a checkpoint resumed with another batch per process is refused."""
+    config = load_config(
+        "mnist_cnn",
+        [*TINY, "data.batch_size=none", "data.batch_per_process=16", "optim.lr_reference_batch=32"]
+        + ["train.max_steps=3", "schedule.warmup=0"],
+    )
+    trainer = Trainer(config, tmp_path / "run")
+    assert (trainer.batch_size, trainer.global_batch) == (16, 16)
+    assert trainer.base_lr == pytest.approx(0.1 * 16 / 32)
+    assert trainer.steps_per_epoch == 4000 // 16
+    x, _ = next(iter(trainer.loaders["train"]))
+    assert x.shape[0] == 16
+    trainer.fit()
+    path = tmp_path / "run" / "last.pt"
+    ckpt = load_checkpoint(path)
+    assert (ckpt["processes"], ckpt["batch_per_process"]) == (1, 16)
+    ckpt["batch_per_process"] = 8  # as if it had been started with another batch
+    torch.save({k: v for k, v in ckpt.items() if k != "path"}, path)
+    with pytest.raises(UserError, match=r"1 process\(es\) x 8 images, this resume has 1 x 16"):
+        Trainer(config, tmp_path / "run", resume=True)
+
+
+def test_batch_size_and_batch_per_process_are_exclusive():
+    with pytest.raises(UserError, match="data.batch_size=64 is invalid: expected no value"):
+        load_config("mnist_cnn", ["data.batch_size=64", "data.batch_per_process=8"])
+    config = load_config("mnist_cnn", ["data.batch_size=none", "data.batch_per_process=8"])
+    assert config.data.global_batch(4) == 32
+    with pytest.raises(UserError, match="must be divisible by the number of processes"):
+        load_config("mnist_cnn", ["data.batch_size=30"]).data.per_process_batch(4)
+
+
+def test_channels_last_model_and_batches(tmp_path):
+    config = load_config(
+        "mnist_cnn", [*TINY, "train.channels_last=true", "train.max_steps=2", "schedule.warmup=0"]
+    )
+    trainer = Trainer(config, tmp_path / "run")
+    convs = [p for p in trainer.model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    x, y = next(iter(trainer.loaders["train"]))
+    out = trainer.train_augment(x)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.shape[1] == 1
+    row = trainer.fit()
+    assert trainer.step == 2 and math.isfinite(row["train_loss"])

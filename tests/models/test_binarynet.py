@@ -77,6 +77,19 @@ def test_binarynet_cifar_batchnorm_hyperparameters(original):
     torch.testing.assert_close(bn.running_mean, (1 - keep) * x.mean(0))
 
 
+def test_bnn_mnist_batchnorm_is_keras_default():
+    """[Re] §3.1.1 built the MNIST network with Larq / Keras: BatchNormalization's defaults,
+    epsilon 1e-3 and momentum 0.99 (torch's 0.01)."""
+    norms = [
+        m
+        for m in create_model("bnn_mnist").modules()
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+    ]
+    assert len(norms) == 5 and all(n.eps == 1e-3 and n.momentum == 0.01 for n in norms)
+    with pytest.raises(UserError, match="bn_eps must be a number > 0"):
+        create_model("bnn_mnist", bn_eps=0)
+
+
 def test_latent_init_and_scale():
     a = create_model("bnn_mnist", latent_init="uniform")
     assert all(m.weight.abs().max() <= 0.05 for m in _binary_layers(a))
