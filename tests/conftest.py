@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,13 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a gloo / nccl rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

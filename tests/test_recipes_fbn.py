@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from lightnets.data import build_batch_augment
@@ -14,7 +13,7 @@ from lightnets.engine.config import load_config
 from lightnets.engine.trainer import Trainer
 from lightnets.models.registry import create_model
 from lightnets.nn.blocks import SqueezeExcite
-from tests.data.conftest import write_cifar10
+from tests.data.conftest import crop_offsets, write_cifar10
 
 torch.set_num_threads(1)
 
@@ -54,19 +53,9 @@ def test_cifar_recipes_pad_to_36_then_crop_32(recipe):
     x = torch.randint(1, 256, (400, 3, 32, 32), dtype=torch.uint8, generator=g)
     torch.manual_seed(0)
     out = aug(x)
-    padded = F.pad(x.float() / 255, (2, 2, 2, 2))
-    offsets = set()
-    for i in range(len(x)):
-        found = [
-            (dy, dx)
-            for dy in range(5)
-            for dx in range(5)
-            for img in (padded[i], padded[i].flip(-1))
-            if torch.equal(out[i], img[:, dy : dy + 32, dx : dx + 32])
-        ]
-        assert found, f"crop {i} is not a window of the 2-pixel padded image"
-        offsets.update(found)
-    assert len(offsets) == 25  # 36 - 32 + 1 = 5 positions a side, no more (4-pixel: 81)
+    assert (
+        len(crop_offsets(out, x, pad=2, flips=True)) == 25
+    )  # 36 - 32 + 1 = 5 positions a side, no more (4-pixel: 81)
 
 
 def test_resnet_fbn_cifar_recipe_is_the_papers_setting():

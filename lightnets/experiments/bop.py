@@ -107,33 +107,24 @@ LR_CONFIGS: tuple[tuple[str, str, list[str]], ...] = (
 )
 #: Pairs the paper expects to match (Theorem 1: 2 ~ 3; magnitude-free gradient: 1 ~ 4).
 LR_BASELINES = {"glorot0.01-sgd-0.01": "glorot-sgd-1", "uniform-sgd-0.01": "glorot-sgd-0.01"}
-#: The paper's setting of each configuration of Sec. 3.1.2 (PaperSetting fields).
+
+
+def _lr_paper(init: str, scale: float, optimizer: str, lr: float) -> dict[str, Any]:
+    """The paper's setting of one Sec. 3.1.2 configuration (PaperSetting fields); Keras' SGD
+    has no momentum."""
+    config: dict[str, Any] = {"optim.name": optimizer}
+    if optimizer == "sgd":
+        config["optim.momentum"] = 0.0
+    return {"model_args": {"latent_init": init, "init_scale": scale}, "lr": lr, "config": config}
+
+
+#: The paper's setting of each configuration of Sec. 3.1.2.
 LR_PAPER: dict[str, dict[str, Any]] = {
-    "glorot-sgd-0.01": {
-        "model_args": {"latent_init": "glorot_uniform", "init_scale": 1.0},
-        "lr": 0.01,
-        "config": {"optim.name": "sgd", "optim.momentum": 0.0},
-    },
-    "glorot-sgd-1": {
-        "model_args": {"latent_init": "glorot_uniform", "init_scale": 1.0},
-        "lr": 1.0,
-        "config": {"optim.name": "sgd", "optim.momentum": 0.0},
-    },
-    "glorot0.01-sgd-0.01": {
-        "model_args": {"latent_init": "glorot_uniform", "init_scale": 0.01},
-        "lr": 0.01,
-        "config": {"optim.name": "sgd", "optim.momentum": 0.0},
-    },
-    "uniform-sgd-0.01": {
-        "model_args": {"latent_init": "uniform", "init_scale": 1.0},
-        "lr": 0.01,
-        "config": {"optim.name": "sgd", "optim.momentum": 0.0},
-    },
-    "uniform-adam-0.01": {
-        "model_args": {"latent_init": "uniform", "init_scale": 1.0},
-        "lr": 0.01,
-        "config": {"optim.name": "adam"},
-    },
+    "glorot-sgd-0.01": _lr_paper("glorot_uniform", 1.0, "sgd", 0.01),
+    "glorot-sgd-1": _lr_paper("glorot_uniform", 1.0, "sgd", 1.0),
+    "glorot0.01-sgd-0.01": _lr_paper("glorot_uniform", 0.01, "sgd", 0.01),
+    "uniform-sgd-0.01": _lr_paper("uniform", 1.0, "sgd", 0.01),
+    "uniform-adam-0.01": _lr_paper("uniform", 1.0, "adam", 0.01),
 }
 
 #: Sec. 3.1.1: the MNIST network built with Larq / Keras, Adam with its default parameters,

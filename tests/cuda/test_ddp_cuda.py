@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from lightnets.engine.checkpoint import load_checkpoint
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, free_port, run_cli
 from tests.cuda.support import require_cuda
 
 pytestmark = pytest.mark.cuda
@@ -56,12 +55,6 @@ def two_gpus(device):
         pytest.skip("this torch build has no nccl backend")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sets(items: list[str]) -> list[str]:
     return [arg for item in items for arg in ("--set", item)]
 
@@ -74,7 +67,7 @@ def test_torchrun_two_gpus(two_gpus, tmp_path, run):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
-        + ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+        + ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
         + ["-m", "lightnets", "train", recipe, *sets, "--out", str(out)],
         env=env,
         capture_output=True,

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 CIFAR10_NAMES = [
     "airplane",
@@ -180,3 +182,24 @@ def files():
         dump_pickle=dump_pickle,
         CIFAR10_NAMES=CIFAR10_NAMES,
     )
+
+
+def crop_offsets(out, x, pad: int, flips: bool = False) -> set[tuple[int, int]]:
+    """The (dy, dx) offsets at which each augmented image of `out` is a window of its uint8
+    image in `x` zero-padded by `pad` pixels (or of its mirror image with `flips`); fails
+    naming the first image that is no such window. Independent of the augmentation code."""
+    padded = F.pad(x.float() / 255, (pad,) * 4)
+    h, w = out.shape[-2:]
+    offsets: set[tuple[int, int]] = set()
+    for i in range(len(x)):
+        images = (padded[i], padded[i].flip(-1)) if flips else (padded[i],)
+        found = {
+            (dy, dx)
+            for dy in range(padded.shape[-2] - h + 1)
+            for dx in range(padded.shape[-1] - w + 1)
+            for img in images
+            if torch.equal(out[i], img[:, dy : dy + h, dx : dx + w])
+        }
+        assert found, f"image {i} is not a window of the {pad}-pixel zero-padded image"
+        offsets |= found
+    return offsets

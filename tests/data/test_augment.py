@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lightnets.data import AUGMENT_OPS, build_batch_augment
 from lightnets.errors import UserError
+from tests.data.conftest import crop_offsets
 
 MEAN = (0.5, 0.4, 0.3)
 STD = (0.2, 0.25, 0.3)
@@ -42,18 +43,7 @@ def test_pad_crop_is_a_window_of_the_zero_padded_batch():
     torch.manual_seed(0)
     out = build_batch_augment(["pad_crop"], image_size=(12, 10), padding=2)(x)
     assert out.shape == (8, 3, 12, 10)
-    padded = F.pad(x.float() / 255, (2, 2, 2, 2))
-    offsets = set()
-    for i in range(len(x)):
-        found = [
-            (dy, dx)
-            for dy in range(5)
-            for dx in range(5)
-            if torch.equal(out[i], padded[i, :, dy : dy + 12, dx : dx + 10])
-        ]
-        assert found, f"sample {i} is not a crop of the padded image"
-        offsets.add(found[0])
-    assert len(offsets) > 1  # offsets are drawn per sample
+    assert len(crop_offsets(out, x, pad=2)) > 1  # offsets are drawn per sample
 
 
 def test_pad_crop_uses_batch_size_without_image_size():
@@ -301,18 +291,7 @@ def test_per_op_parameters_are_used_and_described():
     x = _batch(n=64)
     torch.manual_seed(0)
     out = build_batch_augment([{"pad_crop": {"padding": 2}}, {"hflip": {"p": 0.0}}])(x)
-    padded = F.pad(x.float() / 255, (2, 2, 2, 2))
-    offsets = set()
-    for i in range(len(x)):
-        found = [
-            (dy, dx)
-            for dy in range(5)
-            for dx in range(5)
-            if torch.equal(out[i], padded[i, :, dy : dy + 12, dx : dx + 10])
-        ]
-        assert found, f"sample {i} is not a window of the 2-pixel padded image"
-        offsets.update(found)
-    assert len(offsets) > 5  # drawn per sample among the 25
+    assert len(crop_offsets(out, x, pad=2)) > 5  # drawn per sample among the 25
     assert describe_augment([{"pad_crop": {"padding": 2}}, "hflip", "normalize"]) == [
         {"pad_crop": {"padding": 2, "fill": 0.0}},
         {"hflip": {"p": 0.5}},

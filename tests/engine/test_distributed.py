@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 
 from lightnets.engine.checkpoint import load_checkpoint
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import REPO, TINY, free_port, run_cli
 
 SETTINGS = [
     *TINY,
@@ -25,12 +24,6 @@ SETTINGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_equal_single_process(tmp_path):
     sets = [arg for item in SETTINGS for arg in ("--set", item)]
     single = run_cli("train", "mnist_cnn", *sets, "--out", str(tmp_path / "single"))
@@ -39,7 +32,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
-        + ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+        + ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
         + ["-m", "lightnets", "train", "mnist_cnn", *sets, "--out", str(tmp_path / "ddp")],
         env=env,
         capture_output=True,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from lightnets.engine.metrics import (
     topk_correct,
 )
 from lightnets.errors import UserError
+from tests.conftest import free_port
 
 # Rank of each class per sample (0 = highest logit), chosen by hand.
 LOGITS = torch.tensor(
@@ -152,12 +152,6 @@ def test_segmentation_refusals():
         meter.update(torch.randn(1, 3, 2, 4), SEG_TARGET)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(rank: int, port: int, queue) -> None:
     import torch.distributed as dist
 
@@ -185,7 +179,7 @@ def _dist_worker(rank: int, port: int, queue) -> None:
 def test_meters_sum_over_ranks():
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_dist_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()

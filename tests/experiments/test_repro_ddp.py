@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 from lightnets.engine.logging import read_rows
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, free_port, run_cli
 
 ARGV = [
     "repro",
@@ -27,18 +26,12 @@ ARGV = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_repro_under_torchrun_two_processes(tmp_path):
     out = tmp_path / "gn"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
-        + ["--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
+        + ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
         + ["-m", "lightnets", *ARGV, "--processes", "2", "--set", "output.plot=false"]
         + ["--out", str(out)],
         env=env,
