@@ -23,7 +23,7 @@ def test_recipe_is_the_papers_setting():
     assert c.model.args == {"norm": "gn", "norm_kwargs": {"num_groups": 32}, "zero_init_last": True}
     assert (c.data.name, c.data.train_split, c.data.val_split) == ("folder", "train", "val")
     assert c.data.args == {"image_size": 224}
-    assert (c.optim.name, c.optim.momentum) == ("sgd", 0.9)
+    assert (c.optim.name, c.optim.momentum, c.optim.nesterov) == ("sgd", 0.9, True)  # [17]'s
     assert (c.optim.weight_decay, c.optim.norm_weight_decay) == (1e-4, 1e-4)  # gamma, beta too
     # §4.1: 32 images per GPU on 8 GPUs, lr 0.1; 0.1 N / 32 for N images per GPU
     for processes, per, total, lr in ((8, 32, 256, 0.1), (1, 32, 32, 0.0125)):

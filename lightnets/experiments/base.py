@@ -355,6 +355,7 @@ def plan_spec(spec: ExperimentSpec, configs: dict | None = None) -> list[dict[st
             processes,
             spec.plan_metric or spec.metric_label,
             _paper_setting(spec, v),
+            runs=len(spec.seeds),
         )
         for v in spec.variants
         for seed in spec.seeds
@@ -557,9 +558,20 @@ def _best_of(run_dir: Path, metric: str, fallback: float | None) -> float | None
 
 
 def median_of_last(run_dir: Path, metric: str, k: int) -> float | None:
-    """Median of the metric over the run's last k evaluated epochs (fewer if it has fewer)."""
-    values = _metric_values(run_dir, metric)[-k:]
-    return float(statistics.median(values)) if values else None
+    """Median of the metric over the run's last k epochs: the evaluated epochs among the last
+    k (all k with train.eval_every = 1; fewer if the run has fewer)."""
+    from lightnets.engine.logging import read_rows
+
+    rows = [
+        r
+        for r in read_rows(run_dir)
+        if isinstance(r.get(metric), (int, float)) and not isinstance(r.get(metric), bool)
+    ]
+    if not rows:
+        return None
+    last = max(int(r.get("epoch", 0)) for r in rows)
+    values = [float(r[metric]) for r in rows if int(r.get("epoch", 0)) > last - k]
+    return float(statistics.median(values))
 
 
 def _run_one(
@@ -595,6 +607,7 @@ def _run_one(
                 f"{run_dir} holds a run with another config than this experiment asks for: "
                 "expected the same config to continue it (pass --overwrite to start afresh)"
             )
+        _check_launch(ckpt, config, run_dir)
         if _is_finished(ckpt, config):
             metrics = ckpt.get("metrics") or {}
             final = metrics.get(metric)
@@ -650,6 +663,20 @@ def _run_one(
         seconds=seconds,
         median_last=median(),
     )
+
+
+def _check_launch(ckpt: dict[str, Any], config, run_dir: Path) -> None:
+    """A run trained with other processes x images per process is another run: its result
+    must not be reused (nor continued) under this launch, whose batch and lr differ."""
+    world = dist_utils.env_world_size()
+    saved = (ckpt.get("processes"), ckpt.get("batch_per_process"))
+    ours = (world, config.data.per_process_batch(world))
+    if saved[0] is not None and saved != ours:
+        raise UserError(
+            f"{run_dir} was trained with {saved[0]} process(es) x {saved[1]} images, this "
+            f"launch has {ours[0]} x {ours[1]}: expected the same launch to reuse or continue "
+            "it (another --out, or --overwrite to start afresh)"
+        )
 
 
 def _fmt_metric(metric: str, final: Any, best: Any) -> str:

@@ -141,10 +141,18 @@ PAPER_SETTING = PaperSetting(
     schedule={"name": "multistep", "unit": "epoch", "milestones": [30, 60, 90], "gamma": 0.1},
     augment=PAPER_AUGMENT,
     metric="median top-1 error (%) of the last 5 epochs on the val split",
-    config={"optim.name": "sgd", "optim.momentum": 0.9, "train.sync_bn": False},
+    # "Other implementation details follow [17]" (fb.resnet.torch): SGD with Nesterov momentum
+    config={
+        "optim.name": "sgd",
+        "optim.momentum": 0.9,
+        "optim.nesterov": True,
+        "train.sync_bn": False,
+    },
     notes=(
         "no colour jitter or PCA lighting noise: the paper's augmentation is [58]'s as "
         "implemented by fb.resnet.torch, of which we have the random-resized crop and the flip",
+        "reading: Nesterov momentum, from 'other implementation details follow [17]' "
+        "(fb.resnet.torch's SGD); the paper says only momentum",
     ),
 )
 
@@ -177,7 +185,12 @@ def _add_common(p: argparse.ArgumentParser, name: str, seeds: int) -> None:
     p.add_argument("--seeds", type=int, default=seeds, help=f"seeds per variant (default {seeds})")
     p.add_argument("--epochs", type=int, help="epochs per run (lr milestones scale with it)")
     p.add_argument("--max-steps", type=int, help="stop each run after this many steps (smoke runs)")
-    p.add_argument("--lr", type=float, help="base lr at 32 images per worker (default 0.1)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="base lr: the lr per 256 images of global batch at the paper's scale, per 32 at the "
+        "CPU scale (default 0.1; VGG-16 0.01 / 0.02)",
+    )
     add_set_option(p, "config override passed to every run, e.g. --set data.num_workers=4")
     p.add_argument("--out", type=Path, help=f"experiment dir (default runs/repro/{name}-<data>)")
     p.add_argument(
@@ -353,19 +366,20 @@ class _Setting:
 
 def _norm_overrides(kind: str, steps: int | None = None) -> list[str]:
     """Config overrides selecting norm `kind` (with the paper's GN / BRN options). BRN's
-    warm-up is in steps: with `steps` None (a plan on data of unknown size) it is left out."""
+    warm-up is in steps: with `steps` None (a plan, on data whose size is only known by
+    reading it) the plan says how the run will set it."""
     if kind == "gn":
         kwargs = "{num_groups = 32}"
     elif kind == "brn":
-        warmup = (
-            ""
-            if steps is None
-            else (
-                f", warmup_steps = {int(BRN_WARMUP * steps)}, "
-                f"relax_steps = {int(BRN_RELAX * steps)}"
-            )
+        if steps is None:
+            later = " of the run's steps, counted from the training set when the run starts"
+            warmup, relax = f'"{BRN_WARMUP:.0%}{later}"', f'"{BRN_RELAX:.0%}{later}"'
+        else:
+            warmup, relax = str(int(BRN_WARMUP * steps)), str(int(BRN_RELAX * steps))
+        kwargs = (
+            f"{{r_max = {BRN_LIMITS['r_max']}, d_max = {BRN_LIMITS['d_max']}, "
+            f"warmup_steps = {warmup}, relax_steps = {relax}}}"
         )
-        kwargs = f"{{r_max = {BRN_LIMITS['r_max']}, d_max = {BRN_LIMITS['d_max']}{warmup}}}"
     else:
         kwargs = "{}"
     return [f'model.args.norm="{kind}"', f"model.args.norm_kwargs={kwargs}"]

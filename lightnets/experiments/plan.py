@@ -85,6 +85,7 @@ class PaperSetting:
     schedule: Mapping[str, Any] | None = None
     augment: list[Any] | None = None
     metric: str | None = None
+    runs: int | None = None  # independent runs (seeds) per variant behind the paper's number
     config: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
@@ -171,6 +172,12 @@ def resolve_run(config: Config, processes: int) -> dict[str, Any]:
         else {"epochs": config.train.epochs}
     )
     loading = describe_loading(config.data.name, config.data.train_split, **config.data.args)
+    augment = describe_augment(config.data.augment)
+    if config.data.image_size:  # the size random_crop cuts (data.image_size)
+        size = list(config.data.image_size) * (2 if len(config.data.image_size) == 1 else 1)
+        for op in augment:
+            if isinstance(op, dict) and "random_crop" in op:
+                op["random_crop"] = {"size": size, **op["random_crop"]}
     return {
         "model": config.model.name,
         "model_args": args,
@@ -182,19 +189,25 @@ def resolve_run(config: Config, processes: int) -> dict[str, Any]:
         "weight_decay": _weight_decay(config),
         **length,
         "schedule": describe_schedule(config),
-        "augment": loading + describe_augment(config.data.augment),
+        "augment": loading + augment,
     }
 
 
 def plan_line(
-    run: str, config: Config, processes: int, metric: str, paper: PaperSetting | None
+    run: str,
+    config: Config,
+    processes: int,
+    metric: str,
+    paper: PaperSetting | None,
+    runs: int | None = None,
 ) -> dict[str, Any]:
-    """One plan line: the resolved run, what is reported, and its deviations from `paper`."""
+    """One plan line: the resolved run, what is reported, and its deviations from `paper`
+    (`runs`: the seeds the experiment trains per variant, compared with the paper's runs)."""
     line = {"run": run, **resolve_run(config, processes), "metric": metric}
     if paper is None:
         line["deviations"] = ["no paper setting is recorded for this run"]
     else:
-        line["deviations"] = deviations(line, config, paper)
+        line["deviations"] = deviations(line, config, paper, runs)
     return line
 
 
@@ -245,9 +258,13 @@ def _config_value(config: Config, dotted: str) -> Any:
     return value
 
 
-def deviations(line: Mapping[str, Any], config: Config, paper: PaperSetting) -> list[str]:
+def deviations(
+    line: Mapping[str, Any], config: Config, paper: PaperSetting, runs: int | None = None
+) -> list[str]:
     """Every known difference of the resolved run `line` from the paper's setting: one
-    sentence per differing field (ours, then the paper's), then the setting's notes."""
+    sentence per differing field (ours, then the paper's), then the setting's notes. A model
+    argument the run's model does not take is not compared (the model's line says it differs).
+    """
     out: list[str] = []
 
     def mismatch(what: str, ours: Any, theirs: Any) -> None:
@@ -259,8 +276,10 @@ def deviations(line: Mapping[str, Any], config: Config, paper: PaperSetting) -> 
             mismatch(what, ours, theirs)
 
     differ("model", line["model"], paper.model)
+    accepted = model_arguments(line["model"])
     for key, theirs in paper.model_args.items():
-        differ(f"model_args.{key}", _model_arg(line, key), theirs)
+        if key.split(".")[0] in accepted or key.split(".")[0] in line["model_args"]:
+            differ(f"model_args.{key}", _model_arg(line, key), theirs)
     for key in ("dataset", "processes", "batch_per_process", "global_batch", "lr", "weight_decay"):
         differ(key, line.get(key), getattr(paper, key))
     if paper.epochs is not None and "epochs" not in line:
@@ -286,6 +305,8 @@ def deviations(line: Mapping[str, Any], config: Config, paper: PaperSetting) -> 
                 mismatch(f"schedule.{key}", ours_v, theirs_v)
     differ("augment", line["augment"], paper.augment)
     differ("metric", line["metric"], paper.metric)
+    if runs is not None:
+        differ("runs (seeds per variant)", runs, paper.runs)
     for dotted, theirs in paper.config.items():
         differ(dotted, _config_value(config, dotted), theirs)
     out.extend(paper.notes)

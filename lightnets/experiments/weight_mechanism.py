@@ -85,6 +85,10 @@ RECIPES = {"synthetic": "res_unet_synthetic", "buildings": "res_unet_buildings"}
 CPU_WIDTHS = (8, 16, 32, 64, 128)
 PAPER_WIDTHS = (32, 64, 128, 256, 512)
 PROFILE_SIZE = (1, 3, 125, 125)
+#: "Each model is trained and tested 10 times independently" (Fig. 4, Fig. 9)
+PAPER_RUNS = 10
+#: seeds per variant at the CPU scale
+CPU_SEEDS = 3
 METRICS = (("val_miou", "mIoU"), ("val_pixel_acc", "Pixel acc."), ("val_mean_acc", "Mean acc."))
 #: What the paper's tables hold, as far as the paper says.
 PAPER_STATISTIC = (
@@ -98,29 +102,26 @@ PAPER_SETTING = PaperSetting(
     model="res_unet",
     model_args={"widths": list(PAPER_WIDTHS), "bn_weight_init": "normal"},
     dataset="buildings",
-    processes=1,  # "trained on a GTX 1080Ti GPU and a GTX 2080Ti GPU": one GPU a run
-    batch_per_process=16,
-    global_batch=16,
+    global_batch=16,  # "180K training iterations with batch size of 16"
     lr=0.001,
     weight_decay=5e-4,
     max_steps=180_000,
     schedule={"name": "poly", "unit": "step", "power": 0.9, "min_factor": 0.0},
     augment=[
         {"random_scale": {"scale_range": [0.5, 2.0]}},
-        {"random_crop": {"fill": 0.0}},
+        # "random cropping (from 250x250 to 125x125)"
+        {"random_crop": {"size": [125, 125], "fill": 0.0}},
         {"hflip": {"p": 0.5}},
         "normalize",
     ],
     metric=PLAN_METRIC,
-    config={
-        "optim.name": "sgd",
-        "optim.momentum": 0.9,
-        "data.image_size": [125, 125],  # "random cropping (from 250x250 to 125x125)"
-        "data.val_split": "test",
-    },
+    runs=PAPER_RUNS,  # "Each model is trained and tested 10 times independently"
+    config={"optim.name": "sgd", "optim.momentum": 0.9, "data.val_split": "test"},
     notes=(
         "not stated in the paper: the input normalization (ours: per-channel mean and std of "
         "the training tiles) and the horizontal flip's probability (ours: 0.5)",
+        "reading: one GPU and the whole batch of 16 per run (the paper names 'a GTX 1080Ti GPU "
+        "and a GTX 2080Ti GPU' for all its models)",
     ),
 )
 TABLE_NOTE = (
@@ -129,7 +130,7 @@ TABLE_NOTE = (
 
 
 # ----------------------------------------------------------------------------- options
-def _add_common(p: argparse.ArgumentParser, name: str, seeds: int, bn_init: bool) -> None:
+def _add_common(p: argparse.ArgumentParser, name: str, bn_init: bool) -> None:
     p.add_argument(
         "--data",
         choices=DATA_CHOICES,
@@ -138,7 +139,12 @@ def _add_common(p: argparse.ArgumentParser, name: str, seeds: int, bn_init: bool
         "tiles under --root, made by `lightnets data tile`; the paper's scale)",
     )
     p.add_argument("--root", help="tile folder for --data buildings ({split}/{images,masks})")
-    p.add_argument("--seeds", type=int, default=seeds, help=f"seeds per variant (default {seeds})")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        help=f"seeds per variant (default {CPU_SEEDS} on synthetic scenes; {PAPER_RUNS} on "
+        "buildings, the paper's runs per model)",
+    )
     p.add_argument(
         "--max-steps",
         type=int,
@@ -172,12 +178,12 @@ def _add_common(p: argparse.ArgumentParser, name: str, seeds: int, bn_init: bool
 
 def add_table_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `lightnets repro wm-table` (and wm-param-stats)."""
-    _add_common(p, "wm-table", seeds=3, bn_init=True)
+    _add_common(p, "wm-table", bn_init=True)
 
 
 def add_fused_arguments(p: argparse.ArgumentParser) -> None:
     """Options of `lightnets repro wm-fused`."""
-    _add_common(p, "wm-fused", seeds=3, bn_init=False)
+    _add_common(p, "wm-fused", bn_init=False)
 
 
 def _widths(text: str | None, data: str) -> list[int]:
@@ -199,7 +205,9 @@ class _Setting:
     """What the options imply: recipe, base overrides, settings of the experiment."""
 
     def __init__(self, args: argparse.Namespace, check_root: bool = True) -> None:
-        if args.seeds < 1:
+        default = PAPER_RUNS if args.data == "buildings" else CPU_SEEDS
+        self.seeds = default if args.seeds is None else args.seeds
+        if self.seeds < 1:
             raise UserError(f"--seeds {args.seeds}: expected at least 1")
         if args.max_steps is not None and args.max_steps < 1:
             raise UserError(f"--max-steps {args.max_steps}: expected at least 1")
@@ -322,7 +330,7 @@ def table_spec(args: argparse.Namespace, experiment: str = "wm-table", check_roo
         )
     table = "Table I" if bn_init == "normal" else "Table II"
     notes = [
-        setting.note(args.seeds),
+        setting.note(setting.seeds),
         f"W_BN init: {'N(0, 1)' if bn_init == 'normal' else '1'} ({table}). The paper's column "
         f"is its number on the Massachusetts test tiles ({PAPER_STATISTIC})"
         + (
@@ -341,7 +349,7 @@ def table_spec(args: argparse.Namespace, experiment: str = "wm-table", check_roo
         out=Path(out),
         recipe=setting.recipe,
         variants=variants,
-        seeds=list(range(args.seeds)),
+        seeds=list(range(setting.seeds)),
         settings=setting.settings(bn_init=bn_init),
         base_overrides=setting.base(),
         metric="val_miou",
@@ -657,7 +665,7 @@ def fused_spec(args: argparse.Namespace, check_root: bool = True):
         for name, (label, weight) in FUSED_VARIANTS.items()
     ]
     notes = [
-        setting.note(args.seeds),
+        setting.note(setting.seeds),
         "Fused U-Net (our full-scale reading of Fig. 8, see lightnets.models.unet). The paper "
         "gives no mean: only the best of 10 runs (weight 0.5: 80.15%, weight 1: 80.03%) and "
         "that 5 of 10 runs with weight 0.5 but 1 of 10 with weight 1 exceed 79.50%.",
@@ -668,7 +676,7 @@ def fused_spec(args: argparse.Namespace, check_root: bool = True):
         out=Path(args.out or Path("runs") / "repro" / f"wm-fused-{setting.data}"),
         recipe=setting.recipe,
         variants=variants,
-        seeds=list(range(args.seeds)),
+        seeds=list(range(setting.seeds)),
         settings=setting.settings(),
         base_overrides=setting.base(),
         metric="val_miou",

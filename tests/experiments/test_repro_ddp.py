@@ -54,6 +54,10 @@ def test_repro_under_torchrun_two_processes(tmp_path):
     (variant,) = results["variants"]
     assert variant["status"] == "ok" and variant["runs"][0]["step"] == 3
     assert (out / "plan.jsonl").read_text().strip() == json.dumps(plan, ensure_ascii=False)
+    # the finished 2-process run is not reused by a 1-process launch (another batch and lr)
+    again = run_cli(*ARGV, "--set", "output.plot=false", "--out", str(out))
+    assert again.returncode == 2
+    assert "trained with 2 process(es) x 4 images, this launch has 1 x 4" in again.stderr
 
 
 def test_processes_must_match_the_launch(tmp_path):
