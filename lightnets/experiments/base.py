@@ -415,6 +415,9 @@ def run_experiment(spec: ExperimentSpec) -> ExperimentResults:
 def _run_all(
     spec: ExperimentSpec, configs: dict[tuple[str, int], Any], plan: list[dict[str, Any]]
 ) -> list[VariantResult]:
+    datasets: dict[str, Any] = {}
+    if configs:  # the data first: a wrong --root must not leave an out dir that refuses a retry
+        _datasets_for(next(iter(configs.values())), datasets)
     if is_main_process():
         prepare_out_dir(spec.out, spec.experiment, spec.settings, spec.overwrite, spec.seeds)
         write_text(spec.out / PLAN_FILE, plan_text(plan))
@@ -424,7 +427,6 @@ def _run_all(
         f"{spec.experiment}: {len(spec.variants)} variants x {len(spec.seeds)} seeds = {total} "
         f"runs into {spec.out}"
     )
-    datasets: dict[str, Any] = {}
     results: list[VariantResult] = []
     index = 0
     for variant in spec.variants:

@@ -298,3 +298,17 @@ def test_small_scale_note_names_the_papers_model(extra, named):
 
     spec = build_spec(_args("fbn-cifar", "--data", "mnist5k", *extra))
     assert any(f"({named}, 200 epochs)" in note for note in spec.notes)
+
+
+def test_missing_data_fails_before_the_out_dir_exists(tmp_path, capsys):
+    """A wrong --root is one line, after the plan, and leaves no out dir behind that would
+    refuse the corrected command ("other arguments")."""
+    from lightnets.cli import main
+
+    out = tmp_path / "out"
+    argv = ["repro", "fbn-cifar", "--root", str(tmp_path / "nope"), "--seeds", "1"]
+    assert main([*argv, "--groups", "1", "--affine", "yes", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith('{"run": "G1-affine/seed0"')  # the plan came first
+    assert "is not a directory" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert not out.exists()
