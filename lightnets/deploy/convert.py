@@ -39,6 +39,7 @@ from lightnets.deploy.fuse import (
     is_foldable_norm,
     set_module,
 )
+from lightnets.deploy.normact import is_norm_act_candidate, name_a_few, split_norm_act
 from lightnets.errors import UserError, did_you_mean
 from lightnets.nn.fbn import IMPLS, FBNConv2d
 from lightnets.nn.norm import BatchRenorm, FrozenBatchNorm, make_norm
@@ -194,10 +195,10 @@ def _convert_fbn(
     problems = []
     if indivisible:
         problems.append(
-            f"{len(indivisible)} conv(s) whose C_in cannot be split so: {', '.join(indivisible)}"
+            f"{len(indivisible)} conv(s) whose C_in cannot be split so: {name_a_few(indivisible)}"
         )
     if unsupported:
-        problems.append(f"{len(unsupported)} unsupported conv(s): {', '.join(unsupported)}")
+        problems.append(f"{len(unsupported)} unsupported conv(s): {name_a_few(unsupported)}")
     if problems:
         message = "convert_norm(kind='fbn') left Conv2d+BatchNorm2d as they were for " + "; ".join(
             problems
@@ -208,7 +209,7 @@ def _convert_fbn(
     if unpaired:  # not a conv's to convert (after an add, a concat, ...): information
         warnings.warn(
             f"convert_norm(kind='fbn') left {len(unpaired)} BatchNorm2d layer(s) that follow no "
-            f"Conv2d as they were: {', '.join(unpaired)} ({UNPAIRED_REASONS})",
+            f"Conv2d as they were: {name_a_few(unpaired)} ({UNPAIRED_REASONS})",
             stacklevel=3,
         )
 
@@ -244,8 +245,12 @@ _BN_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 def _is_batch_norm(m: nn.Module) -> bool:
     """The layers the other kinds replace: torch's BatchNorm1d/2d/3d and SyncBatchNorm (and
-    subclasses), and the batch-statistics norms of lightnets.nn.norm (FrozenBatchNorm,
-    BatchRenorm). GroupNorm (gn/ln/in), FBN convs and InstanceNorm are left alone."""
+    subclasses that keep torch's forward), and the batch-statistics norms of lightnets.nn.norm
+    (FrozenBatchNorm, BatchRenorm). GroupNorm (gn/ln/in), FBN convs and InstanceNorm are left
+    alone, and so is a BN subclass with a forward of its own that could not be split into the
+    norm and its activation (replacing it would drop the activation)."""
+    if is_norm_act_candidate(m):
+        return False
     return isinstance(m, (_BatchNorm, FrozenBatchNorm, BatchRenorm))
 
 
@@ -578,4 +583,20 @@ def convert_norm(model: nn.Module, kind: str, **options: Any) -> nn.Module:
                 f"convert_norm(kind={kind!r}) got unknown option {name!r}; expected "
                 f"{', '.join(accepted) or 'none'}" + did_you_mean(name, accepted)
             )
-    return converter(model, **options)
+    # norm layers with a built-in activation (timm's BatchNormAct2d): the norm is converted,
+    # the activation kept
+    split, report = split_norm_act(model)
+    try:
+        converted = converter(split, **options)
+    except BaseException:
+        report.undo(split)
+        raise
+    if report.unsplit:
+        names = list(report.unsplit)
+        warnings.warn(
+            f"convert_norm(kind={kind!r}) left {len(names)} norm layer(s) with a forward of "
+            f"their own as they were: {name_a_few(names)} ({report.unsplit[names[0]]}; "
+            "replacing one by a plain norm would change what it computes)",
+            stacklevel=2,
+        )
+    return converted

@@ -18,6 +18,7 @@ followed by a norm, which is data flow by construction. `convert_norm` uses the 
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -26,17 +27,20 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightnets.deploy.normact import name_a_few, split_norm_act
 from lightnets.errors import UserError
 from lightnets.nn.fbn import FBNConv2d
 from lightnets.nn.norm import BatchRenorm, FrozenBatchNorm
 
 __all__ = [
+    "REPARAMETERIZE_HOOKS",
     "find_pairs",
     "fold_bn",
     "fuse",
     "is_eval_affine_norm",
     "is_foldable_linear",
     "is_foldable_norm",
+    "reparameterize_",
     "set_module",
 ]
 
@@ -212,9 +216,75 @@ def fold_bn(linear: nn.Module, bn: _BatchNorm) -> None:
         linear.bias.copy_(bias.to(w.dtype))
 
 
+#: A module's own structural reparameterization hooks, in the order they are tried (the
+#: conventions of timm's reparameterize_model and of the RepVGG / MobileOne / DBB code):
+#: `fuse()` returns the module that replaces it; the others change it in place.
+REPARAMETERIZE_HOOKS = ("fuse", "reparameterize", "switch_to_deploy")
+
+
+def _hook(module: nn.Module) -> tuple[str, Callable] | None:
+    """The module's first hook that is a method callable without arguments (an attribute that
+    is a submodule, such as a U-Net stage's `fuse` layer, is no hook)."""
+    for name in REPARAMETERIZE_HOOKS:
+        method = getattr(type(module), name, None)
+        if method is None or isinstance(method, nn.Module) or not callable(method):
+            continue
+        try:
+            sig = inspect.signature(method)
+        except (TypeError, ValueError):
+            continue
+        required = [
+            p
+            for p in list(sig.parameters.values())[1:]
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if not required:
+            return name, getattr(module, name)
+    return None
+
+
+def reparameterize_(model: nn.Module) -> list[str]:
+    """Call every submodule's own reparameterization hook, in place, top-down as timm's
+    `reparameterize_model` does (a child's hook first, then its children's); returns
+    "name.hook" for each call. A hook that fails is a UserError naming it."""
+    called: list[str] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for child_name, child in list(module.named_children()):
+            name = _join(prefix, child_name)
+            found = _hook(child)
+            if found is not None:
+                hook, method = found
+                try:
+                    result = method()
+                except Exception as err:
+                    raise UserError(
+                        f"fuse: {name}.{hook}() failed ({type(err).__name__}: "
+                        f"{str(err)[:200]}): expected the model's reparameterization hooks to "
+                        "run on an eval-mode copy"
+                    ) from None
+                if hook == "fuse":
+                    if not isinstance(result, nn.Module):
+                        raise UserError(
+                            f"fuse: {name}.fuse() returned {type(result).__name__}: expected "
+                            "the nn.Module that replaces it (timm's convention)"
+                        )
+                    setattr(module, child_name, result)
+                    child = result
+                called.append(f"{name}.{hook}")
+            walk(child, name)
+
+    walk(model, "")
+    return called
+
+
 def fuse(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` with every foldable normalization folded away.
 
+    First the model's own structural reparameterization hooks run (`reparameterize_`: timm's
+    and the RepVGG / MobileOne / DBB family's `fuse()`, `reparameterize()`,
+    `switch_to_deploy()`), which merge multi-branch blocks into one conv; then norm layers with
+    a built-in activation are split (`lightnets.deploy.normact`), and then:
     FBNConv2d -> nn.Conv2d with bias; Conv(1d/2d/3d)/Linear -> BatchNorm -> the conv/linear with
     folded weight and bias, the BN replaced by nn.Identity. `model` itself is not modified (its
     training flag included). BatchNorms that cannot be folded (no running statistics, or no conv
@@ -224,6 +294,9 @@ def fuse(model: nn.Module) -> nn.Module:
     a BN into the packed layer as a per-channel scale and shift instead.
     """
     fused = _copy_of(model).eval()
+    reparameterize_(fused)  # RepVGG / MobileOne / DBB branches first: they fold their own BNs
+    fused, norm_act = split_norm_act(fused)
+    fused.eval()
     for name, module in list(fused.named_modules()):
         if isinstance(module, FBNConv2d):
             if name:
@@ -239,6 +312,13 @@ def fuse(model: nn.Module) -> nn.Module:
         if second:
             set_module(fused, second, nn.Identity())
 
+    if norm_act.unsplit:
+        names = list(norm_act.unsplit)
+        warnings.warn(
+            f"fuse: left {len(names)} norm layer(s) with a forward of their own unfolded: "
+            f"{name_a_few(names)} ({norm_act.unsplit[names[0]]}; they compute what they did)",
+            stacklevel=2,
+        )
     left = [name or type(m).__name__ for name, m in fused.named_modules() if is_foldable_norm(m)]
     if left:
         after_binary = _norms_after_binary(fused)
@@ -247,14 +327,14 @@ def fuse(model: nn.Module) -> nn.Module:
         if binary:
             warnings.warn(
                 f"fuse: kept {len(binary)} BatchNorm layer(s) that follow a binary layer: "
-                f"{', '.join(binary)} (folding a BN into +1/-1 weights would make them real; "
+                f"{name_a_few(binary)} (folding a BN into +1/-1 weights would make them real; "
                 "lightnets.pack_binary folds it into the packed layer as a per-channel scale "
                 "and shift instead, except through a max-pool where a scale is <= 0)",
                 stacklevel=2,
             )
         if other:
             warnings.warn(
-                f"fuse: left {len(other)} BatchNorm layer(s) unfolded: {', '.join(other)} "
+                f"fuse: left {len(other)} BatchNorm layer(s) unfolded: {name_a_few(other)} "
                 f"({UNPAIRED_REASONS})",
                 stacklevel=2,
             )

@@ -1,0 +1,164 @@
+"""Norm layers with a built-in activation, split into the norm and what follows it.
+
+timm's `BatchNormAct2d` (and `GroupNormAct`, and any layer written the same way) is a
+`BatchNorm2d` / `GroupNorm` subclass whose forward applies the normalization and then its own
+child modules (a dropout, an activation). Being a BatchNorm subclass with another forward, it is
+neither folded by `fuse` nor found by `convert_norm`, and replacing it by a plain norm drops its
+activation: both silently wrong. Such layers are recognised structurally, without importing
+timm: a torch BatchNorm / GroupNorm subclass whose forward is not torch's. A candidate is split
+only when "the plain norm, then its children in order" is checked to compute what its forward
+computes (in eval mode, on a seeded random input); it then becomes
+``nn.Sequential(norm=<plain torch norm with its parameters and statistics>, <children>...)``,
+which `fuse` folds and `convert_norm` converts like any other norm, the activation kept. A
+candidate that fails the check is reported by name (`NormActReport.unsplit`), never guessed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["NormActReport", "is_norm_act_candidate", "name_a_few", "split_norm_act"]
+
+_TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: spatial dims of a probe input for each torch norm base
+_PROBE_DIMS = {nn.BatchNorm1d: (5,), nn.BatchNorm2d: (5, 5), nn.BatchNorm3d: (3, 3, 3)}
+
+
+@dataclass
+class NormActReport:
+    """What `split_norm_act` did: the layers it split (and the modules they were, for
+    `undo`), and those it could not, with why."""
+
+    split: list[str] = field(default_factory=list)
+    unsplit: dict[str, str] = field(default_factory=dict)
+    originals: dict[str, nn.Module] = field(default_factory=dict)
+
+    def undo(self, model: nn.Module) -> None:
+        """Put the split layers back as they were (after a conversion that failed)."""
+        for name, module in self.originals.items():
+            _set(model, name, module)
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _torch_base(module: nn.Module) -> type | None:
+    """The torch norm class a subclass derives from (BatchNorm1d/2d/3d or GroupNorm)."""
+    for base in (*_TORCH_BN, nn.GroupNorm):
+        if isinstance(module, base):
+            return base
+    return None
+
+
+def is_norm_act_candidate(module: nn.Module) -> bool:
+    """A torch BatchNorm1d/2d/3d or GroupNorm subclass whose forward is not torch's own."""
+    base = _torch_base(module)
+    if base is None or type(module) is base:
+        return False
+    return type(module).forward is not base.forward
+
+
+def _plain_norm(module: nn.Module, base: type) -> nn.Module:
+    """A torch `base` norm with `module`'s settings, parameters and statistics."""
+    if base is nn.GroupNorm:
+        plain = nn.GroupNorm(module.num_groups, module.num_channels, module.eps, module.affine)
+    else:
+        plain = base(
+            module.num_features,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+        )
+    own = {k: v for k, v in module.state_dict().items() if "." not in k}  # not the children's
+    missing, unexpected = plain.load_state_dict(own, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"its own state {sorted(own)} is not a {base.__name__}'s")
+    weight = getattr(module, "weight", None)
+    return plain.to(device=weight.device if weight is not None else None).train(module.training)
+
+
+@torch.no_grad()
+def _same_function(module: nn.Module, candidate: nn.Module, channels: int, base: type) -> bool:
+    """Eval outputs of both on a seeded random input agree (the module's mode is restored)."""
+    dims = (5, 5) if base is nn.GroupNorm else _PROBE_DIMS[base]
+    param = next(module.parameters(), None)
+    buffer = next(module.buffers(), None)
+    like = param if param is not None else buffer
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, channels, *dims, generator=gen) * 2.0 + 0.5
+    if like is not None:
+        x = x.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
+    was = module.training
+    module.eval()
+    candidate.eval()
+    try:
+        want, got = module(x), candidate(x)
+    finally:
+        module.train(was)
+        candidate.train(was)
+    return (
+        isinstance(want, torch.Tensor)
+        and want.shape == got.shape
+        and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    )
+
+
+def _split_one(module: nn.Module) -> nn.Module:
+    """nn.Sequential(norm=plain norm, children...) computing what `module` computes; raises
+    ValueError saying why when it cannot."""
+    base = _torch_base(module)
+    plain = _plain_norm(module, base)
+    children = [(name, copy.deepcopy(child)) for name, child in module.named_children()]
+    if any(name == "norm" for name, _ in children):
+        raise ValueError("a child is called 'norm'")
+    candidate = nn.Sequential(OrderedDict([("norm", plain), *children]))
+    channels = module.num_channels if base is nn.GroupNorm else module.num_features
+    try:
+        same = _same_function(module, candidate, channels, base)
+    except Exception as err:  # the probe itself failed: not a norm we understand
+        raise ValueError(f"{type(err).__name__} on a probe input") from None
+    if not same:
+        raise ValueError("its forward is not its norm followed by its child modules")
+    return candidate
+
+
+def split_norm_act(model: nn.Module) -> tuple[nn.Module, NormActReport]:
+    """Split every norm-with-activation layer of `model` in place (see the module docstring).
+
+    Returns the model (a new object only when `model` itself is such a layer) and a report.
+    """
+    report = NormActReport()
+    if is_norm_act_candidate(model):
+        try:
+            return _split_one(model), NormActReport(split=[type(model).__name__])
+        except ValueError as err:
+            return model, NormActReport(unsplit={type(model).__name__: str(err)})
+    for name, module in list(model.named_modules()):
+        if not name or not is_norm_act_candidate(module):
+            continue
+        if any(name.startswith(done + ".") for done in report.split):
+            continue
+        try:
+            new = _split_one(module)
+        except ValueError as err:
+            report.unsplit[name] = str(err)
+            continue
+        _set(model, name, new)
+        report.split.append(name)
+        report.originals[name] = module
+    return model, report
+
+
+def name_a_few(names: list[str], few: int = 5) -> str:
+    """'a, b, c and 59 more' for long lists of layer names in warnings."""
+    if len(names) <= few:
+        return ", ".join(names)
+    return f"{', '.join(names[:few])} and {len(names) - few} more"
