@@ -42,7 +42,7 @@ from lightnets.deploy.fuse import (
 from lightnets.deploy.normact import is_norm_act_candidate, name_a_few, split_norm_act
 from lightnets.errors import UserError, did_you_mean
 from lightnets.nn.fbn import IMPLS, FBNConv2d
-from lightnets.nn.norm import BatchRenorm, FrozenBatchNorm, make_norm
+from lightnets.nn.norm import AUTO_GROUPS, BatchRenorm, FrozenBatchNorm, auto_groups, make_norm
 
 __all__ = ["convert_norm"]
 
@@ -410,7 +410,7 @@ def _convert_frozen_bn(model: nn.Module) -> nn.Module:
 def _convert_group(
     kind: str,
     model: nn.Module,
-    num_groups: int | None,
+    num_groups: int | str | None,
     channels_per_group: int | None,
     eps: float | None,
     affine: bool | None,
@@ -423,12 +423,26 @@ def _convert_group(
             f"convert_norm(kind={kind!r}) got num_groups={num_groups} and "
             f"channels_per_group={channels_per_group}: expected only one of them"
         )
+    auto = num_groups == "auto"
     for what, value in (("num_groups", num_groups), ("channels_per_group", channels_per_group)):
-        if value is not None:
+        if value is not None and not (what == "num_groups" and auto):
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
             _check_option(ok, kind, what, value, "an int >= 1")
     sources = [(name, m) for name, m in model.named_modules() if _is_batch_norm(m)]
-    if kind == "gn":
+    if kind == "gn" and auto:
+        odd = [
+            f"{name or type(m).__name__} (C={m.num_features}: G={auto_groups(m.num_features)})"
+            for name, m in sources
+            if auto_groups(m.num_features) != AUTO_GROUPS
+        ]
+        if odd:
+            warnings.warn(
+                f"convert_norm(kind='gn', num_groups='auto'): {len(odd)} layer(s) whose C is "
+                f"not divisible by {AUTO_GROUPS} get the largest divisor below it: "
+                f"{name_a_few(odd)}",
+                stacklevel=4,
+            )
+    elif kind == "gn":
         size = channels_per_group or num_groups or 32
         bad = [f"{name or type(m).__name__} (C={m.num_features})" for name, m in sources]
         bad = [b for b, (_, m) in zip(bad, sources) if m.num_features % size]
@@ -441,8 +455,9 @@ def _convert_group(
             ]
             raise UserError(
                 f"convert_norm(kind='gn') {what}={size} does not divide the channels of "
-                f"{len(bad)} layer(s): {', '.join(bad)}: expected a value that divides every "
-                f"layer's C (for this model: {', '.join(map(str, common))})"
+                f"{len(bad)} layer(s): {name_a_few(bad)}: expected a value that divides every "
+                f"layer's C (for this model: {', '.join(map(str, common))}), or "
+                "num_groups='auto' (32 where it divides C, else the largest divisor below it)"
             )
 
     def build(name: str, src: nn.Module) -> nn.Module:
@@ -453,7 +468,9 @@ def _convert_group(
         if channels_per_group is not None:
             kw["channels_per_group"] = channels_per_group
         try:
-            new = make_norm(kind, src.num_features, **kw)
+            with warnings.catch_warnings():  # "auto": one warning for the model, above
+                warnings.simplefilter("ignore")
+                new = make_norm(kind, src.num_features, **kw)
         except UserError as err:
             raise UserError(
                 f"convert_norm(kind={kind!r}) at {name or 'the model'}: {err}"
@@ -467,7 +484,7 @@ def _convert_group(
 def _convert_gn(
     model: nn.Module,
     *,
-    num_groups: int | None = None,
+    num_groups: int | str | None = None,
     channels_per_group: int | None = None,
     eps: float | None = None,
     affine: bool | None = None,
@@ -475,7 +492,9 @@ def _convert_gn(
     """Every BN-like layer becomes nn.GroupNorm with num_groups (default 32, the GN paper's)
     or channels_per_group; gamma, beta are copied (affine follows the BN unless given); the
     running statistics are dropped (GN has none). A G that does not divide some layer's C is a
-    UserError naming every such layer, and nothing is changed."""
+    UserError naming every such layer, and nothing is changed. num_groups="auto" fits every
+    layer: 32 where it divides C, else the largest divisor of C below 32 (one warning lists
+    those layers), so GN converts any timm / torchvision mobile net in one call."""
     return _convert_group("gn", model, num_groups, channels_per_group, eps, affine)
 
 
@@ -558,7 +577,8 @@ def convert_norm(model: nn.Module, kind: str, **options: Any) -> nn.Module:
 
     - "bn": eps, momentum, dims, sync; "sync_bn": eps, momentum (statistics and affine kept)
     - "frozen_bn": none (FrozenBatchNorm.from_bn: equals the eval BN)
-    - "gn": num_groups (default 32) | channels_per_group, eps, affine; "ln", "in": eps, affine
+    - "gn": num_groups (default 32, or "auto") | channels_per_group, eps, affine; "ln", "in":
+      eps, affine
     - "brn": r_max, d_max, warmup_steps, relax_steps, eps, momentum (statistics kept)
     - "none": none (nn.Identity)
     - "fbn": fbn_groups | channels_per_group, impl, strict, sync_stats (Conv2d + BN pairs)

@@ -10,7 +10,9 @@ Kinds (`NORM_KINDS`), for 1-d (N, C, L), 2-d (N, C, H, W) and 3-d (N, C, T, H, W
   equals ``bn.eval()``; `lightnets.fuse` folds it into the preceding conv like a BN.
 - ``gn``: torch's `nn.GroupNorm` (GN paper eq. 1, 2, 7, 6): mean and variance per sample over
   each group of C/G consecutive channels and all positions, then a per-channel gamma, beta.
-  ``num_groups=32`` (the paper's default) or ``channels_per_group=c`` (G = C / c, Table 3).
+  ``num_groups=32`` (the paper's default) or ``channels_per_group=c`` (G = C / c, Table 3);
+  ``num_groups="auto"``: 32 where it divides C, else the largest divisor of C below 32 (a
+  warning names each such C), for architectures whose widths are not multiples of 32.
 - ``ln``: GN with one group (mean/var over (C, *spatial) per sample, per-channel affine, as in
   the GN paper). ``in``: GN with C groups (per sample and channel).
 - ``brn``: `BatchRenorm` (Ioffe 2017).
@@ -28,6 +30,7 @@ along (``ConvNormAct(norm=NormSpec("gn", {"num_groups": 8}))``).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +46,7 @@ __all__ = [
     "BatchRenorm",
     "FrozenBatchNorm",
     "NormSpec",
+    "auto_groups",
     "make_norm",
     "valid_group_counts",
 ]
@@ -130,6 +134,17 @@ def valid_group_counts(num_channels: int) -> list[int]:
     return [g for g in range(1, num_channels + 1) if num_channels % g == 0]
 
 
+#: num_groups="auto": the GN paper's G where it divides C, else the largest divisor below it
+AUTO_GROUPS = 32
+
+
+def auto_groups(num_channels: int, preferred: int = AUTO_GROUPS) -> int:
+    """G for num_groups="auto": `preferred` (32) where it divides C, else the largest divisor
+    of C not above it (24 channels: 24 groups; 40: 20; 1000: 25), so that GN fits any layer
+    of a real architecture whose widths are not multiples of 32."""
+    return max(g for g in valid_group_counts(num_channels) if g <= preferred)
+
+
 def _gn_groups(
     num_channels: int, num_groups: int | None, channels_per_group: int | None, where: str
 ) -> int:
@@ -139,6 +154,15 @@ def _gn_groups(
             "expected only one of them"
         )
     valid = valid_group_counts(num_channels)
+    if num_groups == "auto":
+        g = auto_groups(num_channels)
+        if g != AUTO_GROUPS:
+            warnings.warn(
+                f"{where}: num_groups='auto' uses G={g} ({num_channels // g} channel(s) a "
+                f"group): {AUTO_GROUPS} does not divide C={num_channels}",
+                stacklevel=4,
+            )
+        return g
     if channels_per_group is not None:
         c = _check_int(channels_per_group, "channels_per_group", 1, where)
         if num_channels % c:
@@ -147,11 +171,17 @@ def _gn_groups(
                 f"expected a divisor of {num_channels} ({', '.join(map(str, valid))})"
             )
         return num_channels // c
+    if isinstance(num_groups, str):
+        raise UserError(
+            f"{where}: num_groups={num_groups!r} is invalid: expected an int >= 1 or 'auto' "
+            f"({AUTO_GROUPS} where it divides C, else the largest divisor of C below it)"
+        )
     g = _check_int(32 if num_groups is None else num_groups, "num_groups", 1, where)
     if num_channels % g:
         raise UserError(
             f"{where}: C={num_channels} channels are not divisible by G={g} groups: expected "
-            f"num_groups in {', '.join(map(str, valid))} (or channels_per_group=c)"
+            f"num_groups in {', '.join(map(str, valid))} (or channels_per_group=c, or 'auto' to "
+            "fit each layer)"
         )
     return g
 
