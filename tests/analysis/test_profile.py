@@ -13,7 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightnets.analysis import Profile, format_count, profile
+from lightnets.analysis import (
+    PTFLOPS_CUSTOM_HOOKS,
+    THOP_CUSTOM_OPS,
+    Profile,
+    format_count,
+    profile,
+)
 from lightnets.errors import UserError
 from lightnets.models import finet, resnet
 from lightnets.nn.fbn import FBNConv2d
@@ -255,3 +261,27 @@ def test_mixed_real_and_binary_model_is_packed_and_fused():
     # real conv gains a bias of 4 for its BN's 8; the packed layer keeps scale + shift (12)
     assert prof.fused_params == real + 4 + binary + 2 * 6
     assert prof.binary_weights == binary and prof.fused_by == "lightnets.pack_binary + fuse"
+
+
+def test_counter_hooks_count_an_fbn_conv_as_its_inference_conv():
+    """thop / ptflops find layers by exact type and skip FBNConv2d; their hooks (emulated here:
+    a counter attribute and a forward hook, as both libraries attach them) count it as the one
+    conv it is at inference: C_in*k*k MACs plus a bias add per output value."""
+    fbn = FBNConv2d(12, 16, 3, stride=2, padding=1, fbn_groups=4).eval()
+    conv = nn.Conv2d(12, 16, 3, stride=2, padding=1)  # what fuse makes of it
+    x = torch.randn(2, 12, 9, 9)
+    expected = conv(x).numel() * (12 * 3 * 3 + 1)
+    fbn.total_ops = torch.zeros(1, dtype=torch.float64)
+    fbn.__flops__ = 0
+    handles = [
+        fbn.register_forward_hook(THOP_CUSTOM_OPS[FBNConv2d]),
+        fbn.register_forward_hook(PTFLOPS_CUSTOM_HOOKS[FBNConv2d]),
+    ]
+    with torch.no_grad():
+        fbn(x)
+    for h in handles:
+        h.remove()
+    assert int(fbn.total_ops.item()) == expected and fbn.__flops__ == expected
+    # the MACs part is lightnets.profile's count of the layer
+    prof = profile(nn.Sequential(fbn), (2, 12, 9, 9))
+    assert prof.macs == expected - conv(x).numel()
