@@ -137,6 +137,7 @@ def _convert_fbn(
         )
 
     indivisible, unsupported, grouped, plan = [], [], [], []
+    narrow: list[str] = []  # fewer input channels than G: nothing to split (an RGB stem)
     pairs = find_pairs(model, _is_conv2d, _is_bn2d)
     # BNs after a conv of another kind (a BinaryConv2d: FBN does not apply to it), and BNs
     # after no conv that could be found
@@ -183,6 +184,9 @@ def _convert_fbn(
         size = channels_per_group if channels_per_group is not None else fbn_groups
         # G need not divide C_in (groups then differ by one channel, as FBNConv2d allows);
         # it cannot exceed it. channels_per_group must divide C_in, as in FBNConv2d.
+        if channels_per_group is None and size > c_in:
+            narrow.append(f"{conv_name} (C_in={c_in})")
+            continue
         if (channels_per_group is not None and c_in % size) or size > c_in:
             what = "channels_per_group" if channels_per_group is not None else "G"
             indivisible.append(f"{conv_name} (C_in={c_in}, {what}={size})")
@@ -199,6 +203,11 @@ def _convert_fbn(
         )
     if unsupported:
         problems.append(f"{len(unsupported)} unsupported conv(s): {name_a_few(unsupported)}")
+    if narrow and strict:  # strict: every pair or nothing, these too
+        problems.append(
+            f"{len(narrow)} conv(s) with fewer input channels than G: "
+            + name_a_few([n.replace(")", f", G={fbn_groups})") for n in narrow])
+        )
     if problems:
         message = "convert_norm(kind='fbn') left Conv2d+BatchNorm2d as they were for " + "; ".join(
             problems
@@ -206,6 +215,14 @@ def _convert_fbn(
         if strict:  # raised before anything changed
             raise UserError(message + " (strict=True)")
         warnings.warn(message, stacklevel=3)
+    if narrow and not strict:  # expected on every image model: said once, as what it is
+        warnings.warn(
+            f"convert_norm(kind='fbn'): {len(narrow)} conv(s) with fewer input channels than "
+            f"G={fbn_groups} keep their BN: {name_a_few(narrow)} (FBN splits a conv's input "
+            "channels into G groups; with C_in < G there is nothing to split, as in a stem on "
+            "the 3 RGB channels; every other conv+BN pair was converted or is listed apart)",
+            stacklevel=3,
+        )
     if unpaired:  # not a conv's to convert (after an add, a concat, ...): information
         warnings.warn(
             f"convert_norm(kind='fbn') left {len(unpaired)} BatchNorm2d layer(s) that follow no "

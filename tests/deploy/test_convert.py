@@ -185,3 +185,20 @@ def test_errors():
         convert_norm(model, "fbn", fbn_groups=1, impl="fast")
     # nothing changed by the failed calls, the convertible second pair included
     assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[3], nn.BatchNorm2d)
+
+
+def test_an_rgb_stem_is_explained_once_not_reported_as_a_failure():
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+    )
+    with pytest.warns(UserWarning) as record:
+        convert_norm(model, "fbn", fbn_groups=4)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "1 conv(s) with fewer input channels than G=4 keep their BN: 0 (C_in=3)" in message
+    assert "left" not in message.split(":")[0]
+    assert isinstance(model[3], FBNConv2d) and isinstance(model[1], nn.BatchNorm2d)
