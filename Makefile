@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 GPU_CHECK_OUT ?= gpu-check.json
 GPU_CHECK_BUDGET ?= 450
 
-.PHONY: install test lint demo gpu-check clean
+.PHONY: install test lint demo gpu-check interop clean
 
 install: $(VENV)/.installed
 
@@ -34,3 +34,15 @@ gpu-check: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# The interop lane (CONTRIBUTING.md): a separate environment with torchvision and timm (which
+# the CPU torch of .venv cannot load), then lightnets over timm / torchvision models; writes
+# docs/results/interop/. INTEROP_VENV=path reuses an environment you already have.
+INTEROP_VENV ?= .venv-interop
+INTEROP_OUT ?= docs/results/interop
+
+interop:
+	test -x $(INTEROP_VENV)/bin/python || python3 -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/python -c "import torchvision, timm" 2>/dev/null || $(INTEROP_VENV)/bin/pip install -q "torch==2.14.*" "torchvision==0.29.*" timm
+	$(INTEROP_VENV)/bin/pip install -q -e .
+	$(INTEROP_VENV)/bin/python benchmarks/interop.py --out $(INTEROP_OUT)

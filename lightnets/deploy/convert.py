@@ -14,7 +14,8 @@ fine-tuning: its outputs equal the eval model's, in train mode too. "bn" rebuild
 options (momentum, eps) and turns FrozenBN / BRN back into BN.
 
 kind="fbn" turns every ``nn.Conv2d -> nn.BatchNorm2d`` pair (found from the data flow, as `fuse`
-finds them) into one `FBNConv2d`, the BN replaced by `nn.Identity`. With G = 1 the converted
+finds them) into one `FBNConv2d`, the BN replaced by `FBNNormSlot` (an nn.Identity that marks
+the pair for a model's reparameterization hook at fuse time). With G = 1 the converted
 model computes exactly what the original did, in training and in eval. With G > 1 the eval
 output (and so the fused model) is still exactly the original's at conversion time; see
 `_fbn_state` for how BN's statistics and affine parameters are shared out over the groups.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -41,7 +43,7 @@ from lightnets.deploy.fuse import (
 )
 from lightnets.deploy.normact import is_norm_act_candidate, name_a_few, split_norm_act
 from lightnets.errors import UserError, did_you_mean
-from lightnets.nn.fbn import IMPLS, FBNConv2d
+from lightnets.nn.fbn import IMPLS, FBNConv2d, FBNNormSlot
 from lightnets.nn.norm import AUTO_GROUPS, BatchRenorm, FrozenBatchNorm, auto_groups, make_norm
 
 __all__ = ["convert_norm"]
@@ -251,7 +253,7 @@ def _convert_fbn(
         _fbn_state(conv, bn, fbn)
         fbn.train(bn.training)
         set_module(model, conv_name, fbn)
-        set_module(model, bn_name, nn.Identity())
+        set_module(model, bn_name, FBNNormSlot())
     return model
 
 
@@ -418,7 +420,7 @@ def _convert_frozen_bn(model: nn.Module) -> nn.Module:
     ]
     if missing:
         raise UserError(
-            f"convert_norm(kind='frozen_bn'): {', '.join(missing)} keep(s) no running "
+            f"convert_norm(kind='frozen_bn'): {name_a_few(missing)} keep(s) no running "
             "statistics (track_running_stats=False): expected BNs with running statistics"
         )
     return _replace_norms(model, "frozen_bn", lambda name, src: FrozenBatchNorm.from_bn(src))
@@ -624,10 +626,18 @@ def convert_norm(model: nn.Module, kind: str, **options: Any) -> nn.Module:
     # the activation kept
     split, report = split_norm_act(model)
     try:
-        converted = converter(split, **options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            converted = converter(split, **options)
     except BaseException:
         report.undo(split)
         raise
+    rejoined = report.rejoin_unchanged(converted)
+    for warning in caught:  # name the layers as the model has them again
+        message = str(warning.message)
+        for name in rejoined:
+            message = re.sub(re.escape(name) + r"\.norm(?![\w.])", name, message)
+        warnings.warn(message, warning.category, stacklevel=2)
     if report.unsplit:
         names = list(report.unsplit)
         warnings.warn(

@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightnets.deploy.normact import name_a_few, split_norm_act
 from lightnets.errors import UserError
-from lightnets.nn.fbn import FBNConv2d
+from lightnets.nn.fbn import FBNConv2d, FBNNormSlot
 from lightnets.nn.norm import BatchRenorm, FrozenBatchNorm
 
 __all__ = [
@@ -246,36 +246,62 @@ def _hook(module: nn.Module) -> tuple[str, Callable] | None:
 def reparameterize_(model: nn.Module) -> list[str]:
     """Call every submodule's own reparameterization hook, in place, top-down as timm's
     `reparameterize_model` does (a child's hook first, then its children's); returns
-    "name.hook" for each call. A hook that fails is a UserError naming it."""
+    "name.hook" for each call that succeeded.
+
+    A hook runs on a copy of its module: when it fails (e.g. a hook written for BN branches
+    meeting branches whose norms `convert_norm` changed), the module is kept as it was, with a
+    warning naming it, and folding then does what it can inside it: the output is unchanged,
+    only the branches stay unmerged.
+    """
     called: list[str] = []
+    failed: list[str] = []
 
     def walk(module: nn.Module, prefix: str) -> None:
         for child_name, child in list(module.named_children()):
             name = _join(prefix, child_name)
             found = _hook(child)
             if found is not None:
-                hook, method = found
+                hook = found[0]
+                trial = copy.deepcopy(child)
                 try:
-                    result = method()
+                    result = getattr(trial, hook)()
+                    if hook == "fuse" and not isinstance(result, nn.Module):
+                        raise TypeError(f"returned {type(result).__name__}, not an nn.Module")
                 except Exception as err:
-                    raise UserError(
-                        f"fuse: {name}.{hook}() failed ({type(err).__name__}: "
-                        f"{str(err)[:200]}): expected the model's reparameterization hooks to "
-                        "run on an eval-mode copy"
-                    ) from None
-                if hook == "fuse":
-                    if not isinstance(result, nn.Module):
-                        raise UserError(
-                            f"fuse: {name}.fuse() returned {type(result).__name__}: expected "
-                            "the nn.Module that replaces it (timm's convention)"
-                        )
-                    setattr(module, child_name, result)
-                    child = result
-                called.append(f"{name}.{hook}")
+                    failed.append(f"{name}.{hook}() ({type(err).__name__}: {str(err)[:120]})")
+                else:
+                    child = result if hook == "fuse" else trial
+                    setattr(module, child_name, child)
+                    called.append(f"{name}.{hook}")
             walk(child, name)
 
     walk(model, "")
+    if failed:
+        warnings.warn(
+            f"fuse: {len(failed)} reparameterization hook(s) failed and their modules were kept "
+            f"as they were: {name_a_few(failed, 3)}; their norms are folded where they follow "
+            "a conv, so the output is unchanged, but their branches are not merged",
+            stacklevel=3,
+        )
     return called
+
+
+@torch.no_grad()
+def _show_hooks_conv_bn(model: nn.Module) -> None:
+    """Each FBN conv + its FBNNormSlot -> a plain conv (no bias) + a BatchNorm2d whose eval map
+    adds the bias: the conv + BN a reparameterization hook (RepVGG / MobileOne) expects."""
+    pairs = find_pairs(
+        model, lambda m: isinstance(m, FBNConv2d), lambda m: isinstance(m, FBNNormSlot)
+    )
+    for conv_name, slot_name in pairs:
+        conv = model.get_submodule(conv_name).to_conv()
+        bias = conv.bias.detach().clone()
+        conv.bias = None
+        bn = nn.BatchNorm2d(bias.numel(), eps=1e-5, device=bias.device, dtype=bias.dtype).eval()
+        bn.running_mean.copy_(-bias)  # (x - (-b)) / sqrt(var + eps) * 1 + 0 = x + b
+        bn.running_var.fill_(1.0 - bn.eps)
+        set_module(model, conv_name, conv)
+        set_module(model, slot_name, bn)
 
 
 def fuse(model: nn.Module) -> nn.Module:
@@ -294,7 +320,9 @@ def fuse(model: nn.Module) -> nn.Module:
     a BN into the packed layer as a per-channel scale and shift instead.
     """
     fused = _copy_of(model).eval()
-    reparameterize_(fused)  # RepVGG / MobileOne / DBB branches first: they fold their own BNs
+    if any(_hook(m) is not None for m in fused.modules()):
+        _show_hooks_conv_bn(fused)  # converted to FBN: the hooks see their conv + BN again
+        reparameterize_(fused)  # RepVGG / MobileOne / DBB branches first: one conv each
     fused, norm_act = split_norm_act(fused)
     fused.eval()
     for name, module in list(fused.named_modules()):

@@ -8,8 +8,9 @@ activation: both silently wrong. Such layers are recognised structurally, withou
 timm: a torch BatchNorm / GroupNorm subclass whose forward is not torch's. A candidate is split
 only when "the plain norm, then its children in order" is checked to compute what its forward
 computes (in eval mode, on a seeded random input); it then becomes
-``nn.Sequential(norm=<plain torch norm with its parameters and statistics>, <children>...)``,
-which `fuse` folds and `convert_norm` converts like any other norm, the activation kept. A
+``NormAct(norm=<plain torch norm with its parameters and statistics>, <children>...)``, an
+nn.Sequential that `fuse` folds and `convert_norm` converts like any other norm, the
+activation kept, and that still answers `.running_mean`, `.weight`, ... for its norm. A
 candidate that fails the check is reported by name (`NormActReport.unsplit`), never guessed.
 """
 
@@ -22,11 +23,48 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["NormActReport", "is_norm_act_candidate", "name_a_few", "split_norm_act"]
+__all__ = ["NormAct", "NormActReport", "is_norm_act_candidate", "name_a_few", "split_norm_act"]
 
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: spatial dims of a probe input for each torch norm base
 _PROBE_DIMS = {nn.BatchNorm1d: (5,), nn.BatchNorm2d: (5, 5), nn.BatchNorm3d: (3, 3, 3)}
+
+
+#: attributes of the norm a NormAct answers for, as the layer it replaced did (reparameterization
+#: hooks such as timm's MobileOne read `branch.bn.running_mean` and friends)
+_NORM_ATTRIBUTES = frozenset(
+    {
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "num_batches_tracked",
+        "eps",
+        "momentum",
+        "affine",
+        "track_running_stats",
+        "num_features",
+        "num_groups",
+        "num_channels",
+    }
+)
+
+
+class NormAct(nn.Sequential):
+    """A norm layer split from its activation: ``norm``, then the layer's own children.
+
+    Runs as the nn.Sequential it is; the norm's attributes (running_mean, weight, eps, ...)
+    are also readable on it, as they were on the layer it replaced, so code written for that
+    layer (a model's reparameterization hook) still finds them.
+    """
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _NORM_ATTRIBUTES and "norm" in self._modules:
+                return getattr(self._modules["norm"], name)
+            raise
 
 
 @dataclass
@@ -42,6 +80,20 @@ class NormActReport:
         """Put the split layers back as they were (after a conversion that failed)."""
         for name, module in self.originals.items():
             _set(model, name, module)
+
+    def rejoin_unchanged(self, model: nn.Module) -> list[str]:
+        """Put back the layers whose norm a conversion left alone (an identity branch's BN,
+        which convert_norm('fbn') does not touch): they stay what the model's own code expects,
+        e.g. the nn.BatchNorm2d a RepVGG / MobileOne hook asserts. Returns their names."""
+        rejoined = []
+        for name, original in self.originals.items():
+            current = model.get_submodule(name) if name else model
+            if isinstance(current, NormAct) and current.norm is self.plain.get(name):
+                _set(model, name, original)
+                rejoined.append(name)
+        return rejoined
+
+    plain: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -112,14 +164,14 @@ def _same_function(module: nn.Module, candidate: nn.Module, channels: int, base:
 
 
 def _split_one(module: nn.Module) -> nn.Module:
-    """nn.Sequential(norm=plain norm, children...) computing what `module` computes; raises
+    """NormAct(norm=plain norm, children...) computing what `module` computes; raises
     ValueError saying why when it cannot."""
     base = _torch_base(module)
     plain = _plain_norm(module, base)
     children = [(name, copy.deepcopy(child)) for name, child in module.named_children()]
     if any(name == "norm" for name, _ in children):
         raise ValueError("a child is called 'norm'")
-    candidate = nn.Sequential(OrderedDict([("norm", plain), *children]))
+    candidate = NormAct(OrderedDict([("norm", plain), *children]))
     channels = module.num_channels if base is nn.GroupNorm else module.num_features
     try:
         same = _same_function(module, candidate, channels, base)
@@ -154,6 +206,7 @@ def split_norm_act(model: nn.Module) -> tuple[nn.Module, NormActReport]:
         _set(model, name, new)
         report.split.append(name)
         report.originals[name] = module
+        report.plain[name] = new.norm
     return model, report
 
 

@@ -12,7 +12,7 @@ from lightnets.nn.binary import (
     ste_sign,
     stochastic_sign,
 )
-from lightnets.nn.fbn import FBNConv2d
+from lightnets.nn.fbn import FBNConv2d, FBNNormSlot
 from lightnets.nn.fusion import (
     FUSION_KINDS,
     DynamicWeight,
@@ -31,6 +31,7 @@ __all__ = [
     "BinaryLinear",
     "DynamicWeight",
     "FBNConv2d",
+    "FBNNormSlot",
     "FrozenBatchNorm",
     "GatedFusion",
     "NormSpec",

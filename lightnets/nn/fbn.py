@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from lightnets.errors import UserError, did_you_mean
 
-__all__ = ["FBNConv2d", "IMPLS", "group_sizes"]
+__all__ = ["FBNConv2d", "FBNNormSlot", "IMPLS", "group_sizes"]
 
 IMPLS = ("auto", "naive", "cov", "recompute")
 
@@ -817,3 +817,9 @@ class FBNConv2d(nn.Module):
             rm, rv = self.running_mean.view(-1), self.running_var.view(-1)
             y = F.batch_norm(z, rm, rv, gamma, beta, self.training, factor, self.eps)
         return y.reshape(y.shape[0], G, O, *y.shape[2:]).sum(1)
+
+
+class FBNNormSlot(nn.Identity):
+    """Where the BatchNorm of a conv that `convert_norm(kind="fbn")` turned into an FBNConv2d
+    stood: the identity (the FBN conv normalizes). It marks the pair, so that `fuse` can show a
+    model's own reparameterization hook (RepVGG / MobileOne branches) the conv + BN it expects."""

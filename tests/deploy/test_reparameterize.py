@@ -12,7 +12,6 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import lightnets as ln
 from lightnets.deploy.fuse import reparameterize_
-from lightnets.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -165,18 +164,51 @@ def test_profile_and_export_see_the_reparameterized_model(tmp_path):
     assert (tmp_path / "rep.onnx").stat().st_size > 0
 
 
-def test_a_failing_hook_is_one_error_naming_it():
+def test_a_failing_hook_is_named_and_its_module_kept_as_it_was():
+    """A hook that fails (or a fuse() that returns no module) leaves its module untouched (it
+    ran on a copy): a warning names it, the rest is folded, the output is unchanged."""
+
     class Broken(RepBlock):
         def reparameterize(self) -> None:
+            self.branch3 = None  # half-done work must not reach the fused model
             raise RuntimeError("kernel sizes differ")
 
-    model = nn.Sequential(Broken(4))
-    with pytest.raises(UserError, match=r"fuse: 0.reparameterize\(\) failed \(RuntimeError: "):
-        ln.fuse(model)
-
-    class Wrong(nn.Module):
+    class Wrong(ConvNorm):
         def fuse(self):
             return 3
 
-    with pytest.raises(UserError, match=r"fuse: 0.fuse\(\) returned int"):
-        ln.fuse(nn.Sequential(Wrong()))
+    torch.manual_seed(0)
+    model = nn.Sequential(Wrong(3, 4), Broken(4)).eval()
+    with torch.no_grad():
+        ref = model(X)
+    with pytest.warns(UserWarning, match=r"2 reparameterization hook\(s\) failed") as rec:
+        fused = ln.fuse(model)
+    message = str(rec[0].message)
+    assert "0.fuse() (TypeError: returned int" in message
+    assert "1.reparameterize() (RuntimeError: kernel sizes differ)" in message
+    assert fused[1].merged is None and fused[1].branch3 is not None
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused[0].modules())  # folded anyway
+    with torch.no_grad():
+        assert (fused(X) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_fbn_converted_branches_still_merge_through_the_models_hook():
+    """convert_norm('fbn') turns each branch's conv + BN into an FBN conv; at fuse time the
+    hook is shown conv + BN again, so the block still becomes one conv, and the trained FBN
+    model fuses to the original's fused parameter count."""
+    model = _primed()
+    fused_params = sum(p.numel() for p in ln.fuse(model).parameters())
+    ln.convert_norm(model, "fbn", fbn_groups=2)
+    assert isinstance(model.block1.branch3[0], ln.nn.FBNConv2d)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model(X).square().mean().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        ref = model(X)
+        fused = ln.fuse(model)
+        out = fused(X)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert fused.block1.merged is not None and fused.block2.merged is not None
+    assert sum(p.numel() for p in fused.parameters()) == fused_params
