@@ -634,7 +634,7 @@ def approx_plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     return lines
 
 
-def run_approx(spec, phase2_overrides: list[str]):
+def run_approx(spec, phase2_overrides: list[str], plan: list[dict[str, Any]] | None = None):
     """Run bop-approx: per seed, train, evaluate binary / real, retrain BN, evaluate."""
     import time
 
@@ -643,6 +643,7 @@ def run_approx(spec, phase2_overrides: list[str]):
     from lightnets.engine.logging import read_rows
     from lightnets.engine.trainer import resolve_model_args
     from lightnets.experiments.base import (
+        PLAN_FILE,
         ExperimentResults,
         RunResult,
         VariantResult,
@@ -650,6 +651,7 @@ def run_approx(spec, phase2_overrides: list[str]):
         _datasets_for,
         _run_one,
         format_table,
+        plan_text,
         prepare_out_dir,
         summarize,
         write_results,
@@ -658,6 +660,8 @@ def run_approx(spec, phase2_overrides: list[str]):
 
     start = time.perf_counter()
     prepare_out_dir(spec.out, spec.experiment, spec.settings, spec.overwrite, spec.seeds)
+    if plan is not None:
+        write_text(spec.out / PLAN_FILE, plan_text(plan))
     print(f"bop-approx: {len(spec.seeds)} seeds x 2 phases into {spec.out}", flush=True)
     runs: dict[str, list[RunResult]] = {v.name: [] for v in spec.variants}
     datasets: dict[str, Any] = {}
@@ -798,8 +802,9 @@ def bop_approx(args: argparse.Namespace) -> int:
             f"first's model in place), not {env_world_size()}: expected it without torchrun"
         )
     check_processes(spec)
-    print_plan(approx_plan(args))
-    run_approx(spec, phase2)
+    plan = approx_plan(args)
+    print_plan(plan)
+    run_approx(spec, phase2, plan)
     return 0
 
 
