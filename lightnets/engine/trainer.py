@@ -702,9 +702,11 @@ class Trainer:
                 self.best, improved = value, True
         if self.logger is not None:
             self.logger.log(row)
-        self.save("last")
+        # best.pt before last.pt: last.pt records the new best, so a kill between the two
+        # writes must find best.pt already written (a resume redoes the epoch otherwise)
         if improved:
             self.save("best")
+        self.save("last")
         if self.is_main and self.config.train.progress:
             shown = ", ".join(
                 f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "lr"

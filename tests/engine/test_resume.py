@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from lightnets.engine.checkpoint import load_checkpoint
@@ -75,3 +76,48 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
         line.split(",")[0] for line in (killed_dir / "metrics.csv").read_text().splitlines()[1:]
     ]
     assert sorted(epochs) == ["1", "2", "3"]  # no duplicated rows after the resume
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing of the trainer runs after it (not an Exception)."""
+
+
+@pytest.mark.parametrize("after", ["best", "last"])
+def test_a_kill_at_an_improving_epoch_loses_no_best(tmp_path, monkeypatch, after):
+    """An epoch that improves writes best.pt and last.pt (which records the new best). Killed
+    right after either write and resumed, the run ends with best.pt holding the best epoch of
+    its metrics, with the weights an uninterrupted run has there."""
+    from lightnets.engine import Trainer, load_config
+    from lightnets.engine.logging import read_rows
+
+    settings = [*TINY, "train.epochs=4", "train.deterministic=true", "data.batch_size=256"]
+    config = load_config("mnist_cnn", [*settings, "schedule.warmup=0"])
+    Trainer(config, tmp_path / "whole").fit()
+
+    real_save = Trainer.save
+    killed, bests = [], [None]
+
+    def save(self, name="last"):
+        path = real_save(self, name)
+        improving = self.epoch >= 2 and self.best != bests[-1]
+        if name == after and improving and not killed and self.batch_in_epoch == 0:
+            killed.append(self.epoch)
+            raise _Killed
+        if name == "last":
+            bests.append(self.best)
+        return path
+
+    monkeypatch.setattr(Trainer, "save", save)
+    try:
+        Trainer(config, tmp_path / "run").fit()
+    except _Killed:
+        pass
+    assert killed  # an epoch after the first improved, and the run died in its writes
+    monkeypatch.setattr(Trainer, "save", real_save)
+    Trainer(config, tmp_path / "run", resume=True).fit()
+    rows = read_rows(tmp_path / "run")
+    best_epoch = max(rows, key=lambda r: r["val_acc1"])["epoch"]
+    best, whole = (load_checkpoint(d / "best.pt") for d in (tmp_path / "run", tmp_path / "whole"))
+    assert best["epoch"] == best_epoch == whole["epoch"]
+    for key, value in whole["model"].items():
+        assert torch.equal(best["model"][key], value), key
