@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lightnets.commands import add_set_option
-from lightnets.errors import UserError
+from lightnets.errors import StorageError, UserError
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
 
@@ -70,9 +70,15 @@ def train_command(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = args.out or _default_run_dir(load_config(args.recipe))
         saved = run_dir / "config.toml"
-        if not saved.is_file():
-            raise UserError(f"cannot resume: {saved} does not exist (expected a run dir)")
-        config: Config = load_config(saved, args.overrides)
+        if saved.is_file():
+            config: Config = load_config(saved, args.overrides)
+        elif (run_dir / "last.pt").is_file():
+            raise UserError(
+                f"cannot resume: {saved} does not exist beside {run_dir / 'last.pt'}: expected "
+                "the run dir lightnets train wrote (it keeps the run's config.toml)"
+            )
+        else:  # killed before its config was written: nothing to resume, start from the recipe
+            config = load_config(args.recipe, args.overrides)
     else:
         config = load_config(args.recipe, args.overrides)
         run_dir = args.out or _default_run_dir(config)
@@ -254,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         where = "" if rank == "0" else f" [rank {rank}]"
         print(f"lightnets {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
+    except StorageError as err:  # a full disk, no permission: not a bug, not the input's fault
+        print(f"lightnets {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"lightnets {args.command}: interrupted", file=sys.stderr)
         return 130

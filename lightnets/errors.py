@@ -1,7 +1,8 @@
-"""Errors the user caused (bad config, missing file, unknown name).
+"""Errors the user caused (bad config, missing file, unknown name), and failed writes.
 
-The CLI prints these as one line and exits with code 2, without a traceback; everything
-else is a bug and keeps its traceback.
+The CLI prints a UserError as one line and exits with code 2, a StorageError (the disk is
+full, a file cannot be written) as one line with code 1, both without a traceback;
+everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,11 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Something the caller passed is wrong; the message names it and what was expected."""
+
+
+class StorageError(OSError):
+    """A file could not be written (disk full, no permission, file too large); the message
+    names the file and says that what was there before is intact."""
 
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:

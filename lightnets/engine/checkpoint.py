@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightnets.engine.files import atomic_path
+from lightnets.engine.files import atomic_path, storage_errors
 from lightnets.errors import UserError
 
 FORMAT = "lightnets-checkpoint"
@@ -24,8 +24,9 @@ VERSION = 1
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to `path` atomically."""
-    with atomic_path(path) as tmp:
+    """torch.save to `path` atomically; a failed write (a full disk) is one StorageError and
+    leaves the previous file as it was."""
+    with storage_errors(path), atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 

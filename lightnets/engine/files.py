@@ -14,7 +14,9 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "fsync_file"]
+from lightnets.errors import StorageError
+
+__all__ = ["atomic_path", "atomic_write_bytes", "fsync_file", "storage_errors"]
 
 
 def _new_temp_beside(path: Path) -> Path:
@@ -63,5 +65,32 @@ def atomic_path(path: str | Path, *, replace: bool = True) -> Iterator[Path]:
 
 def atomic_write_bytes(path: str | Path, data: str | bytes) -> None:
     """Write `data` (text is UTF-8 encoded) to `path` atomically."""
-    with atomic_path(path) as tmp:
+    with storage_errors(path), atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+#: How torch.save's C++ writer reports a failed write (a full disk) as a RuntimeError
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "file write failed", "unexpected pos")
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | Path):
+    """A write of `path` that fails for the storage's sake (an OSError: a full disk, no
+    permission; torch.save's C++ writer failing to write) becomes one StorageError naming the
+    file and the reason, without the chain of the writer's internals; the atomic write left
+    the previous file intact. Other errors (a bug) pass through as they are."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, RuntimeError) as err:
+        text = str(err).strip()
+        if isinstance(err, RuntimeError) and not any(s in text for s in _TORCH_WRITE_FAILURES):
+            raise
+        reason = text.splitlines()[-1] if text else type(err).__name__
+        if isinstance(err, RuntimeError):
+            reason = f"{reason} (the disk may be full)"
+        raise StorageError(
+            f"cannot write {path}: {type(err).__name__}: {reason[:300]}; the previous "
+            f"{Path(path).name}, if any, is intact"
+        ) from None

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lightnets.engine.files import atomic_write_bytes
+from lightnets.engine.files import atomic_write_bytes, storage_errors
 
 __all__ = ["MetricsLogger", "ProgressBar", "plot_curves", "read_rows"]
 
@@ -129,14 +129,15 @@ class MetricsLogger:
         row = {str(k): _plain(v) for k, v in row.items()}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._repair()
-        with self.jsonl.open("ab") as f:
+        # a failed append (a full disk) leaves at worst a torn last line, which _repair drops
+        with storage_errors(self.jsonl), self.jsonl.open("ab") as f:
             f.write((json.dumps(row) + "\n").encode("utf-8"))
         new = [k for k in row if k not in self._columns]
         if new or not self.csv.is_file():
             self._columns += new
             self._rewrite(self.rows())
         else:
-            with self.csv.open("a", newline="", encoding="utf-8") as f:
+            with storage_errors(self.csv), self.csv.open("a", newline="", encoding="utf-8") as f:
                 f.write(_csv_text(self._columns, [row], header=False))
 
     def truncate(self, after_epoch: int) -> None:

@@ -43,7 +43,8 @@ from lightnets.engine.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from lightnets.engine.config import Config, save_config
+from lightnets.engine.config import Config, load_config, save_config
+from lightnets.engine.runlock import LOCK_NAME, RunLock
 from lightnets.engine.sampler import ResumableSampler
 from lightnets.errors import UserError
 from lightnets.nn.binary import clip_latent_weights_, is_binary_layer
@@ -63,10 +64,54 @@ def _accuracy(sums: dict[str, float]) -> float:
     return sums["correct"] / max(sums["counted"], 1) * 100
 
 
+#: What a run writes before its first checkpoint: a run dir holding only these lost nothing
+#: that a start from the beginning would not write again
+_BEFORE_CHECKPOINT = {"config.toml", "metrics.jsonl", "metrics.csv", "curves.png"}
+
+
+def _entries(run_dir: Path) -> list[Path]:
+    """The run dir's entries, less the lock and temporary files of killed writes."""
+    return [p for p in run_dir.iterdir() if p.name != LOCK_NAME and not _is_temp(p)]
+
+
+#: Config keys (prefixes) a resumed run may change: how long it runs, how it logs and
+#: evaluates, where it reads data and on which device; nothing that the saved model,
+#: optimizer, schedule or sampler state depends on.
+RESUMABLE_PREFIXES = (
+    "train.epochs",
+    "train.max_steps",
+    "train.progress",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.device",
+    "train.stop_after_flipless_epochs",
+    "data.root",
+    "data.num_workers",
+    "data.eval_batch_size",
+    "output.",
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"epochs": 3}} -> {"train.epochs": 3} (model.args and data.args kept whole)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name not in ("model.args", "data.args"):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _is_temp(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
 def _never_checkpointed(run_dir: Path) -> bool:
-    """A run dir holding only the config of a run that failed before its first checkpoint:
-    nothing in it is lost by starting again, so a re-run needs no --overwrite."""
-    return {p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")} <= {"config.toml"}
+    """A run dir of a run that stopped before its first checkpoint (its config, maybe a
+    metrics row): nothing in it is lost by starting again, so that needs no --overwrite."""
+    return {p.name for p in _entries(run_dir)} <= _BEFORE_CHECKPOINT
 
 
 def sync_batch_statistics(model: nn.Module, device: torch.device) -> nn.Module:
@@ -168,7 +213,8 @@ class Trainer:
         self.distributed = dist_utils.init_distributed(self.device)
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.is_main = self.rank == 0
-        self._prepare_run_dir(resume, overwrite)
+        self.lock = RunLock(self.run_dir)  # rank 0, the one writer, holds it while it trains
+        resume = self._prepare_run_dir(resume, overwrite)
         seed_everything(config.train.seed, config.train.deterministic)
 
         self.train_set, self.val_set = datasets if datasets is not None else build_datasets(config)
@@ -237,34 +283,51 @@ class Trainer:
             save_config(config, self.run_dir / "config.toml")
 
     # ----------------------------------------------------------------- set-up helpers
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> bool:
+        """Lock the run dir, clean what killed writes left, and decide how the run starts:
+        returns whether it resumes (a --resume of a run with no checkpoint starts afresh)."""
         run_dir = self.run_dir
-        if resume:
-            if not (run_dir / "last.pt").is_file():
-                raise UserError(
-                    f"cannot resume: {run_dir / 'last.pt'} does not exist "
-                    "(expected a run dir with a checkpoint)"
-                )
-            return
-        if run_dir.exists() and any(run_dir.iterdir()) and _never_checkpointed(run_dir):
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(
+                f"--out {run_dir} is a file: expected a directory for the run (a new path, or "
+                "an existing run dir)"
+            )
+        if self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+            for temp in [p for p in run_dir.iterdir() if _is_temp(p)]:  # killed writes
+                with contextlib.suppress(OSError):
+                    temp.unlink()
+        dist_utils.barrier()
+        entries = _entries(run_dir)
+        if resume and (run_dir / "last.pt").is_file():
+            return True
+        if resume and not _never_checkpointed(run_dir):
+            raise UserError(
+                f"cannot resume: {run_dir / 'last.pt'} does not exist and {run_dir} holds "
+                f"other files ({', '.join(sorted(p.name for p in entries)[:5])}): expected a run "
+                "dir with a checkpoint (--overwrite replaces it)"
+            )
+        if entries and _never_checkpointed(run_dir):
             if self.is_main:
                 print(
-                    f"note: {run_dir} holds only the config of a run that stopped before its "
-                    "first checkpoint; starting afresh there",
+                    f"note: {run_dir} holds a run that stopped before its first checkpoint "
+                    f"({', '.join(sorted(p.name for p in entries))}); starting it afresh",
                     file=sys.stderr,
                 )
-        elif run_dir.exists() and any(run_dir.iterdir()):
+                for path in entries:
+                    path.unlink()
+        elif entries:
             if not overwrite:
                 raise UserError(
                     f"run dir {run_dir} already exists and is not empty: pass --resume to "
                     "continue it, --overwrite to replace it, or --out for a new dir"
                 )
             if self.is_main:
-                shutil.rmtree(run_dir)
+                for path in entries:  # everything but the lock we hold
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
         dist_utils.barrier()
-        if self.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        dist_utils.barrier()
+        return False
 
     def _build_augment(self) -> tuple[nn.Module, nn.Module]:
         from lightnets.data import build_batch_augment
@@ -457,6 +520,7 @@ class Trainer:
 
     def _resume(self) -> None:
         ckpt = load_checkpoint(self.run_dir / "last.pt")
+        self._check_resumed_config(ckpt)
         if ckpt.get("model_name") != self.config.model.name:
             raise UserError(
                 f"checkpoint {ckpt['path']} holds model {ckpt.get('model_name')!r}, but the "
@@ -506,6 +570,34 @@ class Trainer:
         if self.logger is not None:
             self.logger.truncate(after_epoch=self.epoch + 1)
 
+    def _check_resumed_config(self, ckpt: dict[str, Any]) -> None:
+        """Before anything is loaded or truncated: the checkpoint's config against this one.
+        Keys a run can change mid-way (its length, logging, workers, device) are taken and
+        config.toml is updated, saying which; any other difference is one UserError."""
+        saved = ckpt.get("config")
+        if not isinstance(saved, dict):
+            return  # a checkpoint of an older version: the checks below still apply
+        try:
+            old = _flatten(load_config(saved).to_dict())
+        except UserError:
+            old = _flatten(saved)
+        new = _flatten(self.config.to_dict())
+        changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))}
+        changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+        fixed = {k: v for k, v in changed.items() if not k.startswith(RESUMABLE_PREFIXES)}
+        if fixed:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(fixed.items())[:6])
+            raise UserError(
+                f"cannot resume {ckpt['path']} with another config ({shown}"
+                f"{'; ...' if len(fixed) > 6 else ''}): these cannot change mid-run (the model, "
+                "optimizer and schedule states would not fit); expected the config the run was "
+                f"started with, or a new --out (changeable: {', '.join(RESUMABLE_PREFIXES)})"
+            )
+        if changed and self.is_main:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            print(f"note: resuming with {shown}; config.toml updated", file=sys.stderr)
+            save_config(self.config, self.run_dir / "config.toml")
+
     # ----------------------------------------------------------------- the loop
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.config.train.amp == "bf16":
@@ -535,10 +627,13 @@ class Trainer:
             if self.should_stop and self.stop_reason and shown:
                 print(f"stopped after epoch {self.epoch}: {self.stop_reason}", flush=True)
         finally:
-            if self.is_main and self.config.output.plot and self.logger is not None:
-                from lightnets.engine.logging import plot_curves
+            try:
+                if self.is_main and self.config.output.plot and self.logger is not None:
+                    from lightnets.engine.logging import plot_curves
 
-                plot_curves(self.run_dir)
+                    plot_curves(self.run_dir)
+            finally:
+                self.lock.release()
         for cb in self.callbacks:
             cb.on_train_end(self)
         return self.last_row

@@ -40,8 +40,9 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         Trainer(config, run)
     assert (run / "precious.txt").read_text() == "keep me"
-    with pytest.raises(UserError, match="cannot resume"):
-        Trainer(config, tmp_path / "elsewhere", resume=True)
+    with pytest.raises(UserError, match="cannot resume: .* holds other files .precious.txt"):
+        Trainer(config, run, resume=True)
+    assert (run / "precious.txt").read_text() == "keep me"
 
 
 class _ExplodesAfter(nn.Module):
@@ -85,7 +86,7 @@ def test_non_finite_gradient_stops_too_and_a_failed_start_can_be_rerun(tmp_path)
     with pytest.raises(NonFiniteError, match="gradient norm became non-finite") as caught:
         Trainer(config, run, model=_GradientExplodesAfter(after=0)).fit()
     assert "no checkpoint had been written yet" in str(caught.value)
-    assert sorted(p.name for p in run.iterdir()) == ["config.toml"]
+    assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == ["config.toml"]
     # the failed start left only its config: a plain re-run starts afresh, no --overwrite
     row = Trainer(config, run).fit()
     assert row["step"] > 0 and (run / "last.pt").is_file()
