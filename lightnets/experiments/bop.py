@@ -64,7 +64,7 @@ PAPER_APPROX_EPOCHS = 6
 #: Table 1: "Training a Binary CNN on MNIST with 10 random initializations"
 PAPER_APPROX_RUNS = 10
 PAPER_LR_EPOCHS = 100
-#: Defaults on the bundled subset (4000 images, 63 steps of 64 per epoch; a few s per epoch).
+#: Defaults on the bundled subset (4000 images: 62 full batches of 64 an epoch, a few s each).
 MNIST5K_LR_EPOCHS = 10
 MNIST5K_HPARAM_EPOCHS = 10
 CIFAR_HPARAM_EPOCHS = 100
@@ -575,7 +575,7 @@ def approx_spec(args: argparse.Namespace):
     ]
     if setting.data == "mnist5k":
         notes.append(
-            "The bundled subset has 4000 training images (63 steps per epoch instead of 938), "
+            "The bundled subset has 4000 training images (62 steps per epoch instead of 938), "
             "so the same epochs train about 15x fewer steps than the paper's; the recipe's "
             "BatchNorm momentum is Keras' 0.01 scaled to match (0.15)."
         )
@@ -841,7 +841,7 @@ def lr_spec(args: argparse.Namespace):
     ]
     if setting.data == "mnist5k":
         notes.append(
-            f"Scaled down: {setting.epochs} epochs of 63 steps on the bundled subset, against "
+            f"Scaled down: {setting.epochs} epochs of 62 steps on the bundled subset, against "
             "the paper's 100 epochs of 938 steps; the curves show the start of training. "
             "BatchNorm momentum 0.15 (Keras' 0.01 scaled to the shorter epochs)."
         )
