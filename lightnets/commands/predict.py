@@ -61,6 +61,12 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", help="per-channel mean on the [0, 1] scale, e.g. 0.44,0.45,0.36")
     p.add_argument("--std", help="per-channel std on the [0, 1] scale")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        help="read images of up to this many pixels (Pillow refuses those over twice its "
+        "decompression-bomb limit of about 89M pixels; raise it for a large scene you trust)",
+    )
 
 
 # ----------------------------------------------------------------------------- sliding window
@@ -134,28 +140,17 @@ def _floats(text: str | None, option: str, channels: int) -> tuple[float, ...] |
     return values
 
 
-def _read_image(path: Path, channels: int) -> tuple[torch.Tensor, object]:
-    """(uint8 tensor (1, C, H, W), the RGB PIL image for the overlay)."""
-    from PIL import Image, UnidentifiedImageError
+def _read_image(
+    path: Path, channels: int, max_pixels: int | None = None
+) -> tuple[torch.Tensor, object]:
+    """(uint8 tensor (1, C, H, W), the RGB PIL image for the overlay); the reading policy of
+    `lightnets.data.images` (16-bit refused, not clipped; a bomb-sized image is one line)."""
+    from lightnets.data.images import open_image
 
     if not path.is_file():
         raise UserError(f"image {path} does not exist: expected an image file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-                # Pillow's convert() clips values above 255 instead of rescaling them
-                raise UserError(
-                    f"image {path} has {img.mode!r} pixels (16/32-bit): expected 8-bit "
-                    "RGB, RGBA, L or P (rescale it to 8 bits first)"
-                )
-            rgb = img.convert("RGB")
-            src = rgb if channels == 3 else img.convert("L")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise UserError(
-            f"image {path} cannot be read ({type(err).__name__}: {str(err)[:120]}): expected an "
-            "image Pillow reads (PNG, TIFF, JPEG, ...)"
-        ) from None
+    rgb = open_image(path, "RGB", max_pixels=max_pixels)
+    src = rgb if channels == 3 else rgb.convert("L")
     if channels not in (1, 3):
         raise UserError(f"the model takes {channels} input channels: expected 1 or 3")
     data = torch.frombuffer(bytearray(src.tobytes()), dtype=torch.uint8)
@@ -214,7 +209,7 @@ def predict_command(args: argparse.Namespace) -> int:
     from lightnets.data import build_batch_augment
     from lightnets.engine.config import load_config
 
-    for option in ("tile", "batch_size"):
+    for option in ("tile", "batch_size", "max_pixels"):
         value = getattr(args, option)
         if value is not None and value < 1:
             raise UserError(f"--{option.replace('_', '-')} {value}: expected at least 1")
@@ -247,7 +242,7 @@ def predict_command(args: argparse.Namespace) -> int:
     if not 0 <= overlap < smallest:
         raise UserError(f"--overlap {overlap}: expected 0 <= overlap < the tile ({smallest})")
     mask_path, overlay_path = _outputs(args)
-    x, rgb = _read_image(args.image, channels)
+    x, rgb = _read_image(args.image, channels, args.max_pixels)
     mean, std = _run_normalization(config, args, channels, where)
     transform = build_batch_augment(config.data.eval_augment, mean=mean, std=std, train=False)
     model.eval()

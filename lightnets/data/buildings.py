@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from lightnets.data.folder import IMAGENET_MEAN, IMAGENET_STD
+from lightnets.data.images import open_image
 from lightnets.data.registry import register_dataset, require_root
 from lightnets.errors import UserError
 
@@ -169,12 +170,9 @@ def image_size_of(path: Path) -> tuple[int, int]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB pixels uint8 (H, W, 3) of an image file."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except _READ_ERRORS as e:
-        raise UserError(f"cannot read image {path} ({e}): expected a readable image file") from None
+    """RGB pixels uint8 (H, W, 3) of an image file (16-bit tiles are refused, not clipped:
+    `lightnets.data.images`)."""
+    return np.asarray(open_image(path, "RGB"), dtype=np.uint8)
 
 
 def read_label(path: Path) -> np.ndarray:

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
+from lightnets.data.images import open_image
 from lightnets.data.registry import register_dataset, require_root
 from lightnets.data.transforms import RandomResizedCrop, ResizeCenterCrop
 from lightnets.errors import UserError
@@ -97,12 +98,9 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode an image file to RGB, naming the file when it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path} ({e}): expected a readable image file") from None
+    """Decode an image file to 8-bit RGB, naming the file when it cannot be read (16-bit images
+    are refused, not clipped: `lightnets.data.images`)."""
+    return open_image(path, "RGB")
 
 
 def default_transform(

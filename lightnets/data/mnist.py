@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -147,44 +148,74 @@ def find_idx_file(root: Path, name: str) -> Path:
     raise UserError(f"MNIST file {name!r} not found: looked for {', '.join(dict.fromkeys(tried))}")
 
 
-def read_idx(path: str | Path) -> np.ndarray:
+#: The largest IDX payload read (1 GiB; MNIST's training images are 47 MB, EMNIST's 550 MB): a
+#: header that claims more is refused before anything is decompressed
+MAX_IDX_BYTES = 1 << 30
+
+
+def read_idx(path: str | Path, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Read an IDX file (optionally gzip-compressed) into a numpy array, checking its header.
 
     Layout: two zero bytes, a type byte, the number of dimensions, then one big-endian uint32
-    per dimension, then the data. The file length must match the header exactly.
+    per dimension, then the data. The file length must match the header exactly. The header is
+    checked before the data is read, and the data is streamed into a buffer of exactly the
+    declared size: a file that claims more than `max_bytes`, or decompresses to more than it
+    claims (a gzip bomb), is refused with bounded memory.
     """
     path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    what = "a gzip-compressed IDX file" if path.suffix == ".gz" else "an IDX file"
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        with opener(path, "rb") as f:
+            return _read_idx_stream(f, path, max_bytes)
     except FileNotFoundError:
         raise UserError(f"{path}: file not found: expected an IDX file") from None
     except (OSError, EOFError, zlib.error) as e:
-        raise UserError(
-            f"{path}: cannot be read ({e}): expected a gzip-compressed IDX file"
-        ) from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        magic = raw[:4].hex() or "nothing"
+        raise UserError(f"{path}: cannot be read ({e}): expected {what}") from None
+
+
+def _read_exactly(f, n: int) -> bytes:
+    """Up to n bytes (fewer only at the end of the stream)."""
+    chunks, left = [], n
+    while left > 0:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_idx_stream(f, path: Path, max_bytes: int) -> np.ndarray:
+    head = _read_exactly(f, 4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or head[3] == 0:
+        magic = head.hex() or "nothing"
         raise UserError(
             f"{path}: magic number {magic} is not an IDX header: expected 0000 followed by a "
             "type byte (08 for unsigned bytes) and the number of dimensions, e.g. 00000803"
         )
-    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    dtype, ndim = _IDX_DTYPES[head[2]], head[3]
+    raw_dims = _read_exactly(f, 4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise UserError(
+            f"{path}: {4 + len(raw_dims)} bytes is shorter than its {ndim}-d header: expected at "
+            f"least {4 + 4 * ndim} bytes"
+        )
+    dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4"))
+    size = math.prod(dims) * dtype.itemsize  # Python ints: no overflow for any header
     header = 4 + 4 * ndim
-    if len(raw) < header:
+    if size > max_bytes:
         raise UserError(
-            f"{path}: {len(raw)} bytes is shorter than its {ndim}-d header: expected at least "
-            f"{header} bytes"
+            f"{path}: its header declares shape {dims} of {dtype.name}, {size:,} bytes: expected "
+            f"at most {max_bytes:,} (a corrupt or hostile file; nothing was decompressed)"
         )
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
+    payload = _read_exactly(f, size)
+    extra = f.read(1)
+    if len(payload) != size or extra:
+        got = f"{header + len(payload):,}" if not extra else f"more than {header + size:,}"
         raise UserError(
-            f"{path}: {len(raw)} bytes, but its header declares shape {dims} of {dtype.name}: "
-            f"expected exactly {expected} bytes (truncated or corrupt download?)"
+            f"{path}: {got} bytes, but its header declares shape {dims} of {dtype.name}: "
+            f"expected exactly {header + size:,} bytes (truncated or corrupt download?)"
         )
-    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    data = np.frombuffer(payload, dtype=dtype).reshape(dims)
     return data.astype(dtype.newbyteorder("="), copy=True)

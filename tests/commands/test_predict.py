@@ -131,11 +131,11 @@ def test_predict_errors_exit_2(run_dir, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")
     assert main(["predict", str(run_dir), str(bad)]) == 2
-    assert "cannot be read" in capsys.readouterr().err
+    assert "cannot read image" in capsys.readouterr().err
     deep = tmp_path / "deep.tif"  # 16-bit: Pillow would clip it to white, so it is refused
     Image.fromarray(np.arange(400, dtype=np.uint16).reshape(20, 20) * 150).save(deep)
     assert main(["predict", str(run_dir), str(deep)]) == 2
-    assert "16/32-bit" in capsys.readouterr().err
+    assert "more than 8 bits a channel" in capsys.readouterr().err
     img = _image(tmp_path / "x.png", 20, 20)
     assert main(["predict", str(tmp_path / "norun"), str(img)]) == 2
     capsys.readouterr()
