@@ -26,18 +26,33 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from lightnets.errors import UserError
 
-__all__ = ["add_predict_arguments", "predict_command", "sliding_window_logits", "window_starts"]
+__all__ = [
+    "add_predict_arguments",
+    "overlay",
+    "predict_command",
+    "sliding_window_logits",
+    "sliding_window_mask",
+    "window_starts",
+]
 
 DEFAULT_TILE = 250
-OVERLAY_ALPHA = 0.5
+OVERLAY_ALPHA = 0.45
+#: the overlay's building tint and outline: cyan and yellow stand apart from red / brown roofs,
+#: green vegetation and grey roads (the synthetic scenes' roofs are red)
+OVERLAY_FILL = (0, 200, 255)
+OVERLAY_EDGE = (255, 255, 0)
+#: rows of the overlay blended at a time (bounded memory on large scenes)
+OVERLAY_ROWS = 1024
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,6 +76,9 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", help="per-channel mean on the [0, 1] scale, e.g. 0.44,0.45,0.36")
     p.add_argument("--std", help="per-channel std on the [0, 1] scale")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar (shown for scenes of many windows)"
+    )
     p.add_argument(
         "--max-pixels",
         type=int,
@@ -121,6 +139,122 @@ def sliding_window_logits(
     assert total is not None
     logits = total / count
     return logits[..., ph : ph + h, pw : pw + w]
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Source indices of reflection-padded positions (torch's "reflect": no edge repeat)."""
+    if size == 1:
+        return torch.zeros_like(index)
+    period = 2 * (size - 1)
+    index = index.remainder(period)
+    return torch.where(index < size, index, period - index)
+
+
+@torch.no_grad()
+def sliding_window_mask(
+    model: nn.Module,
+    image: torch.Tensor,
+    transform: nn.Module,
+    tile: int | Sequence[int],
+    overlap: int = 0,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The predicted class (H, W) uint8 of one uint8 image (1, C, H, W): the argmax of
+    `sliding_window_logits(model, transform(image), ...)`, computed in bounded memory.
+
+    Windows are cut from the uint8 image and transformed a batch at a time (the whole image is
+    never converted to float), and the averaged logits live in a band of window-height rows:
+    once the windows of a row start below a pixel row, no later window covers it, so it is
+    final and goes into the mask. Memory: the image, the mask, a band of K x (tile + stride) x W
+    logits and one batch of windows, whatever the scene's size. `progress` shows a bar over the
+    rows of windows (stderr).
+    """
+    from tqdm import tqdm
+
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ValueError(f"expected one image (1, C, H, W), got shape {tuple(image.shape)}")
+    th, tw = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
+    h, w = image.shape[-2:]
+    ph, pw = _pad_for(h, th, overlap), _pad_for(w, tw, overlap)
+    hh, ww = h + 2 * ph, w + 2 * pw
+    wh, wwid = min(th, hh), min(tw, ww)
+    ys = window_starts(hh, wh, max(1, wh - overlap))
+    xs = window_starts(ww, wwid, max(1, wwid - overlap))
+    cols = {x0: _reflect(torch.arange(x0 - pw, x0 - pw + wwid), w) for x0 in xs}
+    mask = torch.zeros(h, w, dtype=torch.uint8)
+    band_top, band = 0, None  # logits sum and count of padded rows band_top..
+    count = None
+    bar = tqdm(
+        total=len(ys),
+        desc="predict",
+        unit="row",
+        disable=not progress,
+        file=sys.stderr,
+        leave=False,
+    )
+
+    def flush(until: int) -> None:
+        """Rows band_top..until-1 (padded coordinates) are final: into the mask."""
+        nonlocal band_top, band, count
+        n = until - band_top
+        if n <= 0 or band is None:
+            return
+        rows = torch.arange(band_top, until)
+        keep = (rows >= ph) & (rows < ph + h)
+        if keep.any():
+            pred = (band[:, :n] / count[:n]).argmax(0)[:, pw : pw + w].to(torch.uint8)
+            mask[rows[keep] - ph] = pred[keep]
+        band, count = band[:, n:], count[n:]
+        band_top = until
+
+    for y0 in ys:
+        flush(y0)
+        rows = _reflect(torch.arange(y0 - ph, y0 - ph + wh), h)
+        strip = image[:, :, rows]  # (1, C, wh, W) uint8
+        needed = y0 + wh - band_top
+        for i in range(0, len(xs), max(1, batch_size)):
+            chunk = xs[i : i + batch_size]
+            crops = torch.cat([strip[..., cols[x0]] for x0 in chunk])
+            param = next(model.parameters(), None)
+            crops = transform(crops.to(param.device if param is not None else "cpu"))
+            out = model(crops).float().cpu()
+            if band is None:
+                band = torch.zeros(out.shape[1], 0, ww)
+                count = torch.zeros(0, ww)
+            if band.shape[1] < needed:  # grow the band downwards to this row of windows
+                grow = needed - band.shape[1]
+                band = torch.cat([band, band.new_zeros(band.shape[0], grow, ww)], 1)
+                count = torch.cat([count, count.new_zeros(grow, ww)], 0)
+            top = y0 - band_top
+            for x0, logits in zip(chunk, out):
+                band[:, top : top + wh, x0 : x0 + wwid] += logits
+                count[top : top + wh, x0 : x0 + wwid] += 1
+        bar.update(1)
+    flush(hh)
+    bar.close()
+    return mask
+
+
+def overlay(rgb: np.ndarray, building: np.ndarray) -> np.ndarray:
+    """The image (H, W, 3) uint8 with building pixels tinted cyan and their outline (building
+    pixels with a background 4-neighbour) in yellow; blended a band of rows at a time."""
+    out = np.array(rgb, dtype=np.uint8, copy=True)
+    fill = np.array(OVERLAY_FILL, dtype=np.float32)
+    h = building.shape[0]
+    for top in range(0, h, OVERLAY_ROWS):
+        bottom = min(h, top + OVERLAY_ROWS)
+        halo = building[max(0, top - 1) : min(h, bottom + 1)]
+        padded = np.pad(halo, 1, mode="edge")
+        inner = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])[
+            (top > 0) : (top > 0) + (bottom - top)
+        ]
+        mask = building[top:bottom]
+        band = out[top:bottom].astype(np.float32)
+        band[mask] = (1 - OVERLAY_ALPHA) * band[mask] + OVERLAY_ALPHA * fill
+        band[mask & ~inner] = OVERLAY_EDGE
+        out[top:bottom] = band.round().clip(0, 255).astype(np.uint8)
+    return out
 
 
 # ----------------------------------------------------------------------------- command
@@ -202,7 +336,6 @@ def _outputs(args) -> tuple[Path, Path]:
 
 def predict_command(args: argparse.Namespace) -> int:
     """Run `lightnets predict`; returns the exit code."""
-    import numpy as np
     from PIL import Image
 
     from lightnets.commands import load_checkpoint_model, resolve_checkpoint_path
@@ -246,14 +379,13 @@ def predict_command(args: argparse.Namespace) -> int:
     mean, std = _run_normalization(config, args, channels, where)
     transform = build_batch_augment(config.data.eval_augment, mean=mean, std=std, train=False)
     model.eval()
-    logits = sliding_window_logits(model, transform(x), tile, overlap, args.batch_size)
-    pred = logits.argmax(1)[0]
+    large = x.shape[-2] * x.shape[-1] > 4 * (tile if isinstance(tile, int) else math.prod(tile))
+    pred = sliding_window_mask(
+        model, x, transform, tile, overlap, args.batch_size, progress=large and not args.quiet
+    )
     building = (pred == 1).numpy()
     Image.fromarray(building.astype(np.uint8) * 255, mode="L").save(mask_path)
-    img = np.asarray(rgb, dtype=np.float32)
-    red = np.array([255.0, 0.0, 0.0], dtype=np.float32)
-    img[building] = (1 - OVERLAY_ALPHA) * img[building] + OVERLAY_ALPHA * red
-    Image.fromarray(img.round().clip(0, 255).astype(np.uint8), mode="RGB").save(overlay_path)
+    Image.fromarray(overlay(np.asarray(rgb), building), mode="RGB").save(overlay_path)
     print(
         json.dumps(
             {

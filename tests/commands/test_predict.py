@@ -65,6 +65,62 @@ def test_sliding_window_equals_full_forward_when_one_window():
     assert tiled.shape == full.shape and torch.isfinite(tiled).all()
 
 
+class _Pixelwise(torch.nn.Module):
+    """A 3-class per-pixel model with a little context (a 3x3 conv): window edges matter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize(
+    "size, tile, overlap, batch",
+    [((53, 70), 24, 6, 3), ((130, 41), (16, 20), 4, 2), ((9, 9), 24, 6, 8), ((200, 17), 10, 0, 5)],
+)
+def test_the_bounded_memory_mask_is_the_argmax_of_the_averaged_logits(size, tile, overlap, batch):
+    """sliding_window_mask (uint8 windows, a band of logits) against the whole-image
+    reference: the transform applied to the whole image, all logits kept, then the argmax."""
+    from lightnets.commands.predict import sliding_window_mask
+    from lightnets.data import build_batch_augment
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, generator=g)
+    transform = build_batch_augment(["normalize"], mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    model = _Pixelwise().eval()
+    want = sliding_window_logits(model, transform(image), tile, overlap, batch).argmax(1)[0]
+    got = sliding_window_mask(model, image, transform, tile, overlap, batch)
+    assert got.dtype == torch.uint8 and got.shape == size
+    assert torch.equal(got.long(), want)
+
+
+def test_overlay_tints_buildings_cyan_and_outlines_them():
+    from lightnets.commands.predict import OVERLAY_EDGE, overlay
+
+    rgb = np.full((9, 9, 3), 100, dtype=np.uint8)
+    building = np.zeros((9, 9), dtype=bool)
+    building[2:7, 2:7] = True
+    out = overlay(rgb, building)
+    assert (out[~building] == 100).all()  # background untouched
+    assert tuple(out[2, 4]) == OVERLAY_EDGE and tuple(out[6, 2]) == OVERLAY_EDGE  # the outline
+    inside = out[4, 4]
+    assert inside[2] > inside[0] and tuple(inside) != OVERLAY_EDGE  # tinted towards cyan
+    # bands of rows give the same picture as one pass (the outline crosses band borders)
+    import lightnets.commands.predict as predict
+
+    big = np.zeros((50, 7), dtype=bool)
+    big[10:40, 2:5] = True
+    once = overlay(np.full((50, 7, 3), 90, np.uint8), big)
+    saved, predict.OVERLAY_ROWS = predict.OVERLAY_ROWS, 7
+    try:
+        assert np.array_equal(overlay(np.full((50, 7, 3), 90, np.uint8), big), once)
+    finally:
+        predict.OVERLAY_ROWS = saved
+
+
 def test_sliding_window_averages_overlaps():
     class Ones(torch.nn.Module):  # logits = [1 + window index, 0]: the average is checkable
         calls = 0
