@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -95,16 +96,33 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def _recipe_table() -> str:
-    """One line per shipped recipe: name, model on dataset, the header comment's first line."""
+    """One line per shipped recipe: name, model on dataset, the first sentence of its header
+    comment (whole, never cut in the middle)."""
     from lightnets.engine.config import list_recipes, load_config, recipe_path
 
     lines = []
     for name in list_recipes():
         config = load_config(name)
-        header = recipe_path(name).read_text().splitlines()[0].lstrip("# ").strip()
         what = f"{config.model.name} on {config.data.name}"
-        lines.append(f"{name:<22} {what:<34} {header}")
+        lines.append(f"{name:<22} {what:<34} {_first_sentence(recipe_path(name).read_text())}")
     return "\n".join(lines)
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of a recipe's leading comment block (a long one: the clause before
+    its first colon)."""
+    words: list[str] = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        words.append(line.lstrip("#").strip())
+    comment = " ".join(w for w in words if w)
+    match = re.search(r"(?<=\.)\s(?=[A-Z`(])", comment)
+    sentence = comment[: match.start()] if match else comment
+    lead = sentence.split(": ", 1)[0]
+    if len(sentence) > 110 and len(lead) >= 40:  # a long sentence: its lead clause, whole
+        return lead + "."
+    return sentence
 
 
 def _default_run_dir(config) -> Path:
@@ -120,7 +138,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="a .pt checkpoint or a run dir (uses last.pt)")
     p.add_argument("--split", help="data split to evaluate (default: the run's validation split)")
     p.add_argument("--best", action="store_true", help="with a run dir: use best.pt")
-    _add_set(p)
+    add_set_option(
+        p,
+        "override a value of the run's config for evaluation, e.g. --set data.root=/new/path "
+        "--set data.eval_batch_size=256 (the model is rebuilt from the checkpoint: model.* "
+        "cannot change)",
+    )
 
 
 @command("eval", "evaluate a checkpoint on a data split", _eval_args)

@@ -98,6 +98,8 @@ def test_train_list_names_every_shipped_recipe(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == list_recipes()
     assert any(line.split()[1:4] == ["finet_small", "on", "mnist5k"] for line in lines)
+    # each description is a whole sentence (or a long one's lead clause), never cut mid-way
+    assert all(line.rstrip().endswith((".", ")")) for line in lines), lines
     assert main(["train"]) == 2
     assert "expected a recipe name" in capsys.readouterr().err
 

@@ -176,17 +176,42 @@ def _family(column: str) -> str:
     return name
 
 
+def _spans_decades(values: list[float], ratio: float = 30.0) -> bool:
+    """Positive values whose largest is `ratio` times the median or more: a log scale shows
+    them all (a linear one flattens everything after the first epoch)."""
+    positive = sorted(v for v in values if v > 0 and math.isfinite(v))
+    if len(positive) < 3 or len(positive) != len(values):
+        return False
+    return positive[-1] >= ratio * positive[len(positive) // 2]
+
+
 def plot_curves(run_dir: str | Path, out_name: str = "curves.png") -> Path | None:
-    """Draw every numeric column of metrics.jsonl against epoch; None if nothing to plot.
+    """Draw every numeric column of metrics.jsonl against epoch into `out_name` (atomically);
+    None if nothing to plot. See `curves_figure`."""
+    run_dir = Path(run_dir)
+    fig = curves_figure(read_rows(run_dir / JSONL))
+    if fig is None:
+        return None
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    out = run_dir / out_name
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def curves_figure(rows: list[dict[str, Any]]):
+    """The matplotlib Figure of the curves of metrics rows (one panel per family), or None.
+
+    Whole epochs on the x axis; a family of curves whose values span decades (a first epoch's
+    val_loss of 160, then 0.1) is drawn on a log scale, said in its title.
 
     Uses an Agg canvas directly, so it works headless and leaves matplotlib's global backend
     alone.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    run_dir = Path(run_dir)
-    rows = read_rows(run_dir / JSONL)
     if not rows:
         return None
     xs = [r["epoch"] if _is_number(r.get("epoch")) else i + 1 for i, r in enumerate(rows)]
@@ -205,21 +230,22 @@ def plot_curves(run_dir: str | Path, out_name: str = "curves.png") -> Path | Non
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, (family, columns) in zip(axes, families.items()):
+        values = []
         for column in columns:
             points = [(x, r[column]) for x, r in zip(xs, rows) if _is_number(r.get(column))]
             style = "o-" if len(points) < 30 else "-"
             ax.plot(*zip(*points), style, markersize=3, label=column)
-        ax.set_title(family)
+            values += [float(v) for _, v in points]
+        if _spans_decades(values):  # e.g. a first epoch's loss of 160 beside 0.1 later
+            ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+        ax.set_title(family + (" (log scale)" if ax.get_yscale() == "log" else ""))
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     for ax in axes[len(families) :]:
         ax.set_visible(False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    out = run_dir / out_name
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+    return fig
 
 
 class ProgressBar:

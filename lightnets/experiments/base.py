@@ -61,6 +61,7 @@ __all__ = [
     "Variant",
     "VariantResult",
     "format_table",
+    "mean_std",
     "int_list",
     "is_main_process",
     "plan_spec",
@@ -164,6 +165,11 @@ class Summary:
     std: float | None
     n: int
     values: list[float]
+
+
+def mean_std(s: Summary) -> str:
+    """'12.34 ± 0.56', or '12.34' for one value (a single seed has no spread to show)."""
+    return f"{s.mean:.2f}" if s.n == 1 else f"{s.mean:.2f} ± {s.std:.2f}"
 
 
 def summarize(values: list[float]) -> Summary:
@@ -694,7 +700,7 @@ def _ours(s: Summary, reason: str | None, runs: list[RunResult]) -> str:
             return f"n/a ({reason})"
         why = next((r.reason for r in runs if r.reason), None)
         return f"failed ({why})" if why else "n/a"
-    return f"{s.mean:.2f} ± {s.std:.2f} ({s.n})"
+    return f"{mean_std(s)} ({s.n})"
 
 
 def _signed(value: float | None) -> str:

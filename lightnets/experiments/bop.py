@@ -1155,10 +1155,10 @@ def best_checkpoint_test_accuracy(run_dir: Path, config) -> dict[str, Any]:
 
 
 def cifar_test_table(results, records: list[dict[str, Any]]) -> str:
-    from lightnets.experiments.base import summarize
+    from lightnets.experiments.base import mean_std, summarize
 
     s = summarize([r["test_acc1"] for r in records])
-    ours = "—" if not s.n else f"{s.mean:.2f} ± {s.std:.2f} ({s.n})"
+    ours = "—" if not s.n else f"{mean_std(s)} ({s.n})"
     epochs = ", ".join(str(r["epoch"]) for r in records) or "—"
     diff_re = "—" if not s.n else f"{s.mean - PAPER_CIFAR_RE:+.2f}"
     diff_or = "—" if not s.n else f"{s.mean - PAPER_CIFAR_ORIGINAL:+.2f}"

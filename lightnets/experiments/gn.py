@@ -56,6 +56,7 @@ from lightnets.experiments import register_experiment
 from lightnets.experiments.base import (
     int_list,
     is_main_process,
+    mean_std,
     plan_spec,
     save_figure,
     toml_string,
@@ -514,7 +515,7 @@ def batch_size_spec(args: argparse.Namespace, read_data: bool = True):
 
 
 def _cell(summary, paper: float | None) -> str:
-    ours = "—" if not summary.n else f"{summary.mean:.2f} ± {summary.std:.2f}"
+    ours = "—" if not summary.n else mean_std(summary)
     return ours + ("" if paper is None else f" ({paper:.1f})")
 
 

@@ -38,6 +38,7 @@ from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
 from lightnets.experiments.base import (
     is_main_process,
+    mean_std,
     plan_spec,
     save_figure,
     summarize,
@@ -396,7 +397,7 @@ def paper_width_profile(model_name: str, margs: dict[str, Any]) -> tuple[int, in
 
 
 def _pct(summary) -> str:
-    return "—" if not summary.n else f"{summary.mean:.2f} ± {summary.std:.2f}"
+    return "—" if not summary.n else mean_std(summary)
 
 
 def _paper_pct(row: dict[str, Any] | None, key: str) -> str:

@@ -136,3 +136,23 @@ def test_progress_bar_disabled_and_resumed(capsys):
     with ProgressBar(total=5, desc="resumed", initial=3) as bar:
         bar.update(4, loss=1.0)
     assert "4/5" in capsys.readouterr().err
+
+
+def test_curves_use_whole_epochs_and_a_log_scale_where_values_span_decades():
+    """The demo's first val_loss of 160 made the later 0.1s a flat line; 4 epochs were ticked
+    0.5, 1.0, 1.5, ..."""
+    from lightnets.engine.logging import curves_figure
+
+    rows = [
+        {"epoch": e, "train_loss": t, "val_loss": v, "val_acc1": a}
+        for e, t, v, a in [(1, 2.3, 160.0, 11.0), (2, 0.6, 0.4, 88.0), (3, 0.3, 0.2, 95.0),
+                           (4, 0.2, 0.15, 96.0)]
+    ]  # fmt: skip
+    fig = curves_figure(rows)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert set(panels) == {"loss (log scale)", "accuracy (%)"}
+    assert panels["accuracy (%)"].get_yscale() == "linear"
+    fig.canvas.draw()
+    for ax in panels.values():
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 4]
+        assert ticks and all(float(t).is_integer() for t in ticks)
