@@ -12,8 +12,10 @@ bit i of byte j (i = 0 the least significant bit) holds input channel 8 j + i of
 kw): 1 for +1, 0 for -1. Padding bits past the last channel are 0 and never read. The weight a
 layer packs is the one its forward pass uses: in bop mode the stored +1/-1 weight (checked);
 in latent mode kernel_quantizer(latent weight) in eval, which for the sign quantizers
-(ste_sign, approx_sign, stochastic_sign; in eval all three are sign with sign(0) = +1) is
-sign(weight). Any other kernel quantizer, None included (real weights), is refused.
+(ste_sign, approx_sign, stochastic_sign, swish_sign; in eval all are sign with sign(0) = +1)
+is sign(weight). The magnitude-aware sign (Bi-Real) is mean(|w|) * sign(w) per output
+channel: its signs are packed and the means become the packed layer's per-channel scale (times
+a folded BN's). Any other kernel quantizer, None included (real weights), is refused.
 
 Forward. The bits are unpacked to +1/-1 in the input's dtype (a gather from a 256 x 8 table)
 and the same F.conv2d / F.linear runs on input_quantizer(x) (a built-in quantizer is its eval
@@ -37,7 +39,9 @@ statistics are kept too. ``fold_bn=False`` keeps every BN.
 
 Exactness. Unfolded, a packed layer computes exactly what the binary layer computes in eval:
 the same kernel on the same +1/-1 weights (same memory layout) and the same sign of the
-input, so ``pack_binary(model, fold_bn=False)`` gives bit-identical outputs. Folded, the binary
+input, so ``pack_binary(model, fold_bn=False)`` gives bit-identical outputs (except for
+magnitude-aware kernels: alpha * conv(x, sign w) rounds differently from conv(x, alpha sign w),
+by float32 ulps). Folded, the binary
 matmul of +1/-1 inputs is integer-valued and exact in float32 (|sum| <= fan_in < 2^24), and
 one rounding of a z + b replaces torch's eval-BN arithmetic: the two differ by a few float32
 ulps of the larger of |a z| and |b| (the tests assert rtol 1e-5, atol 1e-5 max|logit|, and
@@ -86,12 +90,15 @@ from lightnets.deploy.fuse import find_pairs, is_eval_affine_norm, set_module
 from lightnets.errors import UserError
 from lightnets.nn.binary import (
     QUANTIZERS,
+    SIGN_QUANTIZERS,
     BinaryConv2d,
     BinaryLinear,
     _sign,
     _takes_training,
     get_quantizer,
     is_binary_layer,
+    magnitude_aware_sign,
+    sign_scale,
 )
 
 __all__ = [
@@ -111,7 +118,8 @@ __all__ = [
 FORMAT = "lightnets-packed"
 VERSION = 1
 
-_SIGN_QUANTIZERS = frozenset(QUANTIZERS.values())
+#: The functions of the quantizers whose eval forward is the plain sign.
+_SIGN_QUANTIZERS = frozenset(QUANTIZERS[name] for name in SIGN_QUANTIZERS)
 
 
 # ----------------------------------------------------------------------------- bits
@@ -193,7 +201,7 @@ def _check_kernel_quantizer(name: str, layer: nn.Module) -> None:
                 "weight holds values other than +1/-1; expected +1/-1 weights"
             )
         return
-    if spec in QUANTIZERS or spec in _SIGN_QUANTIZERS:
+    if spec in QUANTIZERS or spec in QUANTIZERS.values():
         return
     what = (
         "None (full-precision weights)" if spec is None else repr(getattr(spec, "__name__", spec))
@@ -247,7 +255,7 @@ class _PackedBinary(nn.Module):
     def input_quantizer(self, spec: Any) -> None:
         fn = get_quantizer(spec)
         self._input_spec = spec
-        self._input_builtin = spec is None or spec in QUANTIZERS or spec in _SIGN_QUANTIZERS
+        self._input_builtin = spec is None or spec in SIGN_QUANTIZERS or spec in _SIGN_QUANTIZERS
         self._input_fn = fn
         self._input_training = _takes_training(fn)
 
@@ -596,6 +604,15 @@ def _bn_affine(bn: nn.Module, bias: Tensor | None) -> tuple[Tensor, Tensor]:
     return a, b
 
 
+def _magnitude_scale(layer: nn.Module) -> Tensor | None:
+    """mean(|w|) per output channel when the layer's kernel quantizer is the magnitude-aware
+    sign (its weight is alpha * sign(w)), else None."""
+    spec = layer.kernel_quantizer
+    if layer.mode == "bop" or not (spec == "magnitude_aware_sign" or spec is magnitude_aware_sign):
+        return None
+    return sign_scale(layer.weight).to(layer.weight.dtype)
+
+
 def _fold_pairs(model: nn.Module) -> dict[str, tuple[str, bool]]:
     """binary layer name -> (norm name, whether a max-pool sits between them)."""
     out = {
@@ -648,6 +665,13 @@ def pack_binary(model: nn.Module, *, fold_bn: bool = True, cache_weights: bool =
                 if through_pool and not bool((scale > 0).all()):
                     scale = shift = None  # max(a z + b) != a max(z) + b for a <= 0: keep the BN
                     norm_name = None
+            magnitude = _magnitude_scale(layer)
+            if magnitude is not None:  # y = alpha z + bias: alpha joins the scale
+                if scale is None:
+                    scale = magnitude
+                    shift = torch.zeros_like(magnitude) if layer.bias is None else layer.bias
+                else:
+                    scale = (scale.double() * magnitude.double()).to(scale.dtype)
             cls = PackedBinaryConv2d if isinstance(layer, BinaryConv2d) else PackedBinaryLinear
             packed = cls.from_binary(layer, scale, shift, cache_weights=cache_weights)
             if name:

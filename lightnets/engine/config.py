@@ -103,7 +103,9 @@ class OptimConfig:
     binary: str | None = None
     bop_gamma: float = 1e-4  # Bop's adaptivity rate (eq. 5); scheduled by [binary_schedule]
     bop_threshold: float = 1e-8  # Bop's tau (eq. 6)
-    bop_inclusive: bool = False  # True: flip when |m| >= tau ([Re] eq. 6); False: > (original)
+    # which w * m flip: "strict" (> tau, the original code), "inclusive" (>= tau, [Re] eq. 6)
+    # or "larq" (> tau flips, == tau sets +1: larq's arithmetic); see lightnets.optim.Bop
+    bop_flip_test: str = "strict"
 
 
 @dataclass
@@ -263,6 +265,7 @@ class Config:
         return self
 
     def _validate_binary(self) -> None:
+        from lightnets.optim.bop import FLIP_TESTS
         from lightnets.optim.composite import BINARY_OPTIMIZERS
 
         o, b, t = self.optim, self.binary_schedule, self.train
@@ -275,6 +278,12 @@ class Config:
             )
         _check(0.0 < o.bop_gamma <= 1.0, "optim.bop_gamma", o.bop_gamma, "in (0, 1], e.g. 1e-4")
         _check(o.bop_threshold >= 0, "optim.bop_threshold", o.bop_threshold, ">= 0, e.g. 1e-8")
+        _check(
+            o.bop_flip_test in FLIP_TESTS,
+            "optim.bop_flip_test",
+            o.bop_flip_test,
+            " or ".join(repr(n) for n in FLIP_TESTS),
+        )
         _check(b.unit in ("epoch", "step"), "binary_schedule.unit", b.unit, "'epoch' or 'step'")
         _check(b.warmup >= 0, "binary_schedule.warmup", b.warmup, ">= 0")
         _check(
@@ -351,6 +360,17 @@ def load_config(recipe: str | Path | dict | None = None, overrides: list[str] = 
     return config.validate()
 
 
+#: Keys that were renamed: old dotted key -> what to write instead.
+RENAMED_KEYS = {
+    "optim.bop_inclusive": 'optim.bop_flip_test = "inclusive" (for true) or "strict" (for false)',
+}
+
+
+def _check_renamed(dotted: str) -> None:
+    if dotted in RENAMED_KEYS:
+        raise UserError(f"config key {dotted!r} was renamed: expected {RENAMED_KEYS[dotted]}")
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise UserError(f"config section {prefix or '<root>'} must be a table, got {raw!r}")
@@ -359,6 +379,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         full = f"{prefix}{key}"
+        _check_renamed(full)
         if key not in names:
             raise UserError(
                 f"unknown config key {full!r}{did_you_mean(key, names)}: valid keys in "
@@ -445,6 +466,7 @@ def apply_override(config: Config, item: str) -> None:
     target = getattr(config, parts[0])
     key = parts[1]
     names = [f.name for f in dataclasses.fields(target)]
+    _check_renamed(f"{parts[0]}.{key}")
     if key not in names:
         raise UserError(
             f"unknown config key {parts[0]}.{key}{did_you_mean(key, names)}: valid keys in "

@@ -423,7 +423,7 @@ class Trainer:
             binary=cfg.binary,
             gamma=cfg.bop_gamma,
             threshold=cfg.bop_threshold,
-            inclusive=cfg.bop_inclusive,
+            flip_test=cfg.bop_flip_test,
             **options,
         )
 
@@ -755,6 +755,8 @@ class Trainer:
 
         flips = self._flip_list()
         self.flip_counts = []
+        self.bop.check_binary(full=True)  # also what .data writes did, which torch does not count
+        self.bop.warn_nonfinite()
         n = self.bop.num_binary
         pis = [log_flip_ratio(f, n) for f in flips]
         columns: dict[str, Any] = {"flips": sum(flips)}

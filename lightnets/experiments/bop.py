@@ -195,7 +195,7 @@ PAPER_CIFAR = PaperSetting(
         "not stated in the [Re] paper: the batch size (the original code's is 50, as the "
         "binarynet_cifar recipe's)",
         "Bop flips where |m| > tau (the original code's strict rule); the [Re] text's eq. 6 "
-        "writes >= (optim.bop_inclusive = true)",
+        'writes >= (optim.bop_flip_test = "inclusive"; the tie rule of larq: "larq")',
     ),
 )
 

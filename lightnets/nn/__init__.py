@@ -9,8 +9,10 @@ from lightnets.nn.binary import (
     get_quantizer,
     hard_sigmoid,
     is_binary_parameter,
+    magnitude_aware_sign,
     ste_sign,
     stochastic_sign,
+    swish_sign,
 )
 from lightnets.nn.fbn import FBNConv2d, FBNNormSlot
 from lightnets.nn.fusion import (
@@ -42,7 +44,9 @@ __all__ = [
     "hard_sigmoid",
     "is_binary_parameter",
     "make_fusion",
+    "magnitude_aware_sign",
     "make_norm",
     "ste_sign",
     "stochastic_sign",
+    "swish_sign",
 ]

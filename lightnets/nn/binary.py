@@ -12,6 +12,15 @@ The sign has a zero gradient almost everywhere, so each quantizer's backward is 
 - ``stochastic_sign(x, training=True, generator=None)``: +1 with probability hard_sigmoid(x)
   (eq. 2-3), -1 otherwise; deterministic ``ste_sign`` when ``training=False``. Gradient: the
   straight-through estimator with clip 1.
+- ``swish_sign(x, beta=5.0)``: BNN+'s (Darabi et al. 2018) smooth estimator, the derivative
+  of 2 sigmoid(beta x)(1 + beta x (1 - sigmoid(beta x))) - 1: beta (2 - beta x tanh(beta x /
+  2)) / (1 + cosh(beta x)), as larq's ``SwishSign``.
+- ``magnitude_aware_sign(w, clip_value=1.0)``: Bi-Real Net's scaled sign for weights,
+  mean(|w|) * sign(w) with the mean per output channel (every axis but the first: torch's
+  (out, in, kh, kw)) and held constant in the backward pass (the straight-through gradient
+  times that mean), as larq's ``MagnitudeAwareSign``. A kernel quantizer only (as in larq):
+  the layers refuse it as an input quantizer. Its weights are +-mean(|w|), not +-1, so layers
+  that use it keep a per-channel scale when packed or exported.
 
 `get_quantizer(spec)` resolves a name, a callable (used as is) or None (full precision).
 
@@ -58,16 +67,21 @@ from lightnets.errors import UserError, did_you_mean
 __all__ = [
     "MODES",
     "QUANTIZERS",
+    "SIGN_QUANTIZERS",
     "BinaryConv2d",
     "BinaryLinear",
+    "KERNEL_ONLY_QUANTIZERS",
     "approx_sign",
     "clip_latent_weights_",
     "get_quantizer",
     "hard_sigmoid",
     "is_binary_parameter",
     "is_binary_layer",
+    "magnitude_aware_sign",
+    "sign_scale",
     "ste_sign",
     "stochastic_sign",
+    "swish_sign",
 ]
 
 MODES = ("latent", "bop")
@@ -171,11 +185,54 @@ def stochastic_sign(
     return _StraightThroughSign.apply(x, 1.0, noise)
 
 
+class _SwishSign(torch.autograd.Function):
+    """Forward sign(x); backward BNN+'s beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, beta: float):  # type: ignore[override]
+        ctx.beta = beta
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(x)
+        return _sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        bx = ctx.beta * x
+        # cosh overflows to inf for |beta x| > ~89 in float32, where the derivative is 0 anyway
+        return grad * (ctx.beta * (2 - bx * torch.tanh(bx / 2)) / (1 + torch.cosh(bx))), None
+
+
+def swish_sign(x: Tensor, beta: float = 5.0) -> Tensor:
+    """sign(x) in {-1, +1} (sign(0) = +1) with BNN+'s swish gradient (larq's SwishSign)."""
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        raise UserError(f"swish_sign beta={beta!r}: expected a number > 0 (BNN+ uses 5)")
+    return _SwishSign.apply(x, float(beta))
+
+
+def sign_scale(w: Tensor) -> Tensor:
+    """mean(|w|) per output channel (over every axis but the first), shape (out,)."""
+    return w.detach().abs().flatten(1).mean(1) if w.dim() > 1 else w.detach().abs().mean()[None]
+
+
+def magnitude_aware_sign(w: Tensor, clip_value: float | None = 1.0) -> Tensor:
+    """Bi-Real's mean(|w|) * sign(w), the mean per output channel and constant in backward
+    (larq's MagnitudeAwareSign); the gradient is ste_sign's (clipped at clip_value) times it."""
+    scale = sign_scale(w).to(w.dtype)
+    return ste_sign(w, clip_value) * scale.reshape(-1, *([1] * (w.dim() - 1)))
+
+
 QUANTIZERS: dict[str, Quantizer] = {
     "ste_sign": ste_sign,
     "approx_sign": approx_sign,
     "stochastic_sign": stochastic_sign,
+    "swish_sign": swish_sign,
+    "magnitude_aware_sign": magnitude_aware_sign,
 }
+#: Quantizers for weights only: a per-output-channel scale has no meaning for activations.
+KERNEL_ONLY_QUANTIZERS = frozenset({"magnitude_aware_sign"})
+#: Quantizers whose eval forward is the plain sign (sign(0) = +1): +1/-1 values.
+SIGN_QUANTIZERS = frozenset(set(QUANTIZERS) - KERNEL_ONLY_QUANTIZERS)
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -275,6 +332,12 @@ class _BinaryLayer:
     @input_quantizer.setter
     def input_quantizer(self, spec: QuantizerSpec) -> None:
         fn = get_quantizer(spec)
+        if fn is magnitude_aware_sign:
+            raise UserError(
+                f"{type(self).__name__} input_quantizer={_spec_name(spec)}: it scales by a "
+                "per-output-channel mean, so it is a kernel quantizer (as in larq); expected a "
+                "sign for activations, e.g. 'ste_sign'"
+            )
         self._input_spec = spec
         self._input_fn = None if spec is None else fn
         self._input_training = _takes_training(fn)

@@ -132,14 +132,14 @@ def build_binary_optimizer(
     binary: str = "bop",
     gamma: float = 1e-4,
     threshold: float = 1e-8,
-    inclusive: bool = False,
+    flip_test: str = "strict",
     **real_options: Any,
 ) -> CompositeOptimizer:
     """Bop over the model's binary weights and optimizer `name` over everything else.
 
     The parts are "real" (`build_optimizer(model, name, lr, **real_options)` without the
     binary weights; left out when the model has nothing else to train) and "binary"
-    (`Bop(binary weights, threshold, gamma, inclusive=inclusive)`). A model without binary
+    (`Bop(binary weights, threshold, gamma, flip_test=flip_test)`). A model without binary
     weights in bop mode is refused: Bop would have nothing to flip.
     """
     from lightnets.optim.bop import Bop, binary_parameters, named_binary_parameters
@@ -163,5 +163,5 @@ def build_binary_optimizer(
     if any(p.requires_grad and id(p) not in binary_ids for p in model.parameters()):
         exclude = [p for _, p in named]
         parts["real"] = build_optimizer(model, name, lr, exclude=exclude, **real_options)
-    parts["binary"] = Bop(named, threshold=threshold, gamma=gamma, inclusive=inclusive)
+    parts["binary"] = Bop(named, threshold=threshold, gamma=gamma, flip_test=flip_test)
     return CompositeOptimizer(parts)

@@ -114,8 +114,15 @@ def no_host_sync(
         finally:
             torch.cuda.set_sync_debug_mode("default")
     else:
-        with _HostReadAudit(host_resident):
-            yield
+        import lightnets.optim.bop as bop_module
+
+        free = bop_module._host_reads_are_free
+        bop_module._host_reads_are_free = lambda device: False
+        try:
+            with _HostReadAudit(host_resident):
+                yield
+        finally:
+            bop_module._host_reads_are_free = free
 
 
 def host_resident_state(optimizer) -> list[torch.Tensor]:

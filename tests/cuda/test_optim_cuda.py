@@ -35,10 +35,15 @@ EXACT_GROUPS = [
     {
         "gamma": 0.25,
         "threshold": 2.0**-7,
-        "inclusive": False,
+        "flip_test": "strict",
         "shapes": [(300_000,), (70_000,), (33, 17)],
     },
-    {"gamma": 0.5, "threshold": 2.0**-5, "inclusive": True, "shapes": [("T", 400, 500), (9,)]},
+    {
+        "gamma": 0.5,
+        "threshold": 2.0**-5,
+        "flip_test": "inclusive",
+        "shapes": [("T", 400, 500), (9,)],
+    },
 ]
 STEPS = 6
 
@@ -71,20 +76,20 @@ def _dyadic_grads(weights, steps: int, gen: torch.Generator) -> list[list[torch.
 
 
 class ReferenceBop:
-    """Eq. 5-6 in float64, from the definition: m <- (1 - gamma) m + gamma g (m from 0, never
+    """Eq. 5-6 in float64, from the definition: m <- m + gamma (g - m) (m from 0, never
     reset); flip w where |m| > tau (>= when inclusive) and sign(m) = sign(w) != 0."""
 
-    def __init__(self, weights, gamma: float, tau: float, inclusive: bool) -> None:
+    def __init__(self, weights, gamma: float, tau: float, flip_test: str) -> None:
         self.w = [w.double().clone() for w in weights]
         self.m = [torch.zeros_like(w) for w in self.w]
-        self.gamma, self.tau, self.inclusive = gamma, tau, inclusive
+        self.gamma, self.tau, self.inclusive = gamma, tau, flip_test == "inclusive"
 
     def step(self, grads) -> int:
         flips = 0
         for i, g in enumerate(grads):
             if g is None:
                 continue
-            m = (1 - self.gamma) * self.m[i] + self.gamma * g.double()
+            m = self.m[i] + self.gamma * (g.double() - self.m[i])
             strong = m.abs() >= self.tau if self.inclusive else m.abs() > self.tau
             flip = strong & (torch.sign(m) == torch.sign(self.w[i])) & (m != 0)
             self.w[i] = torch.where(flip, -self.w[i], self.w[i])
@@ -96,7 +101,7 @@ class ReferenceBop:
 def _bop(groups, weights, device) -> tuple[list[list[torch.nn.Parameter]], Bop]:
     # clone: on the CPU .to() returns the tensor itself, which Bop would flip in place
     params = [[torch.nn.Parameter(w.to(device).clone()) for w in ws] for ws in weights]
-    hyper = [{k: g[k] for k in ("gamma", "threshold", "inclusive")} for g in groups]
+    hyper = [{k: g[k] for k in ("gamma", "threshold", "flip_test")} for g in groups]
     return params, Bop([{"params": ps, **h} for ps, h in zip(params, hyper)])
 
 
@@ -113,7 +118,7 @@ def test_bop_exact_steps_equal_cpu_and_reference(device):
     assert any(w.numel() > _CHUNK and w.is_contiguous() for w in flat)  # the chunked path
     assert any(w.numel() > _CHUNK and not w.is_contiguous() for w in flat)  # whole tensor
     refs = [
-        ReferenceBop(ws, g["gamma"], g["threshold"], g["inclusive"])
+        ReferenceBop(ws, g["gamma"], g["threshold"], g["flip_test"])
         for ws, g in zip(weights, EXACT_GROUPS)
     ]
     on_device, opt = _bop(EXACT_GROUPS, weights, device)
@@ -153,7 +158,7 @@ def test_bop_recipe_hyperparameters_match_reference(device, gamma, tau):
     gen = torch.Generator().manual_seed(1)
     shapes = [(200_000,), (64, 32, 3, 3)]
     weights = _weights(shapes, gen)
-    groups = [{"gamma": gamma, "threshold": tau, "inclusive": False, "shapes": shapes}]
+    groups = [{"gamma": gamma, "threshold": tau, "flip_test": "strict", "shapes": shapes}]
     drifts = [torch.randn(w.shape, generator=gen) * 1e-3 for w in weights]
     ref = ReferenceBop(weights, gamma, tau, False)
     on_device, opt = _bop(groups, [weights], device)
@@ -200,7 +205,10 @@ def test_bop_step_does_not_sync(device):
     """The first step (which creates the averages) and later ones, chunked and whole-tensor
     paths, a tensor without a gradient, and a param group none of whose tensors has one."""
     gen = torch.Generator().manual_seed(2)
-    groups = [*EXACT_GROUPS, {"gamma": 0.1, "threshold": 0.0, "inclusive": True, "shapes": [(5,)]}]
+    groups = [
+        *EXACT_GROUPS,
+        {"gamma": 0.1, "threshold": 0.0, "flip_test": "inclusive", "shapes": [(5,)]},
+    ]
     weights = [_weights(g["shapes"], gen) for g in groups]
     grads = [_dyadic_grads(ws, 3, gen) for ws in weights[:2]]
     params, opt = _bop(groups, weights, device)
@@ -230,7 +238,7 @@ def test_last_flips_tensor_with_a_group_without_gradients(device):
     require_cuda(device, "a blocking copy from host to device")
     gen = torch.Generator().manual_seed(4)
     weights = [_weights([(10,)], gen), _weights([(6,)], gen)]
-    groups = [{"gamma": 0.5, "threshold": 0.0, "inclusive": False}] * 2
+    groups = [{"gamma": 0.5, "threshold": 0.0, "flip_test": "strict"}] * 2
     params, opt = _bop(groups, weights, device)
     params[0][0].grad = torch.ones(10, device=device)  # group 1 has no gradient
     opt.step()

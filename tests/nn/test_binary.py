@@ -83,7 +83,13 @@ def test_approx_sign_forward_and_gradient():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "quantizer",
-    [ste_sign, approx_sign, stochastic_sign, functools.partial(stochastic_sign, training=False)],
+    [
+        ste_sign,
+        approx_sign,
+        stochastic_sign,
+        functools.partial(stochastic_sign, training=False),
+        ln.nn.swish_sign,
+    ],
 )
 def test_quantizers_output_exactly_plus_minus_one_in_input_dtype(quantizer, dtype):
     x = torch.randn(257, dtype=dtype)
@@ -487,3 +493,66 @@ def test_binary_conv2d_is_conv_of_signs(case):
     out = layer(x)
     assert out.dtype == dtype
     assert torch.equal(out.double(), ref)
+
+
+# ----------------------------------------------------------------------------- larq's other two
+
+
+@pytest.mark.parametrize("beta", [5.0, 1.0, 10.0])
+def test_swish_sign_forward_is_sign_and_gradient_is_bnn_plus_derivative(beta):
+    """d/dx of BNN+'s SS_beta(x) = 2 sigmoid(beta x)(1 + beta x (1 - sigmoid(beta x))) - 1,
+    by autograd through that definition in float64, against swish_sign's backward."""
+    x = torch.linspace(-2, 2, 81, dtype=torch.float64, requires_grad=True)
+    y = ln.nn.swish_sign(x, beta=beta)
+    assert torch.equal(y, torch.where(x < 0, -1.0, 1.0).double())
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    z = x.detach().clone().requires_grad_(True)
+    s = torch.sigmoid(beta * z)
+    smooth = 2 * s * (1 + beta * z * (1 - s)) - 1
+    (ref,) = torch.autograd.grad(smooth.sum(), z)
+    torch.testing.assert_close(grad, ref, rtol=1e-10, atol=1e-12)
+    assert grad[40] == pytest.approx(beta)  # at 0: beta (2 - 0) / (1 + 1)
+    big = torch.tensor([-100.0, 100.0], requires_grad=True)  # cosh overflows: gradient 0
+    (g,) = torch.autograd.grad(ln.nn.swish_sign(big).sum(), big)
+    assert g.tolist() == [0.0, 0.0]
+
+
+def test_swish_sign_refuses_a_bad_beta():
+    with pytest.raises(UserError, match="beta"):
+        ln.nn.swish_sign(torch.zeros(2), beta=0)
+
+
+def test_magnitude_aware_sign_is_mean_abs_per_output_channel_times_sign():
+    w = torch.tensor([[[[0.5, -1.5]], [[2.0, 0.0]]], [[[-0.1, 0.1]], [[0.3, -0.3]]]])
+    w.requires_grad_(True)
+    q = ln.nn.magnitude_aware_sign(w)
+    alpha = torch.tensor([1.0, 0.2])  # (0.5 + 1.5 + 2 + 0) / 4, (0.1 + 0.1 + 0.3 + 0.3) / 4
+    expected = torch.where(w < 0, -1.0, 1.0) * alpha.view(2, 1, 1, 1)
+    torch.testing.assert_close(q, expected)
+    # backward: the STE (|w| <= 1) times alpha, alpha held constant (larq's stop_gradient)
+    (g,) = torch.autograd.grad(q.sum(), w)
+    mask = (w.detach().abs() <= 1).float()
+    torch.testing.assert_close(g, mask * alpha.view(2, 1, 1, 1))
+    lin = torch.tensor([[3.0, -1.0], [0.5, 0.5]])
+    torch.testing.assert_close(
+        ln.nn.magnitude_aware_sign(lin), torch.tensor([[2.0, -2.0], [0.5, 0.5]])
+    )
+
+
+def test_new_quantizers_by_name_in_layers_and_packed():
+    conv = BinaryConv2d(
+        3, 4, 3, padding=1, input_quantizer="swish_sign", kernel_quantizer="magnitude_aware_sign"
+    )
+    x = torch.randn(2, 3, 5, 5)
+    alpha = conv.weight.detach().abs().flatten(1).mean(1)
+    w = torch.where(conv.weight < 0, -1.0, 1.0) * alpha.view(-1, 1, 1, 1)
+    ref = F.conv2d(torch.where(x < 0, -1.0, 1.0), w, padding=1)
+    torch.testing.assert_close(conv(x), ref)
+    packed = ln.pack_binary(nn.Sequential(conv))
+    torch.testing.assert_close(packed(x), ref, rtol=1e-6, atol=1e-5)
+    with pytest.raises(UserError, match="kernel quantizer"):
+        BinaryConv2d(3, 4, 3, input_quantizer="magnitude_aware_sign")
+    with pytest.raises(UserError, match="kernel quantizer"):
+        conv.input_quantizer = ln.nn.magnitude_aware_sign
+    with pytest.raises(UserError, match="mode='bop'"):
+        BinaryConv2d(3, 4, 3, kernel_quantizer="magnitude_aware_sign", mode="bop")

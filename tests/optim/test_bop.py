@@ -32,11 +32,12 @@ def py_sign(v: float) -> int:
 
 
 class ReferenceBop:
-    """Eq. 5-6 element by element in Python floats: m <- (1 - gamma) m + gamma g, m from 0;
-    w <- -w where |m| > tau (|m| >= tau when inclusive) and sign(m) = sign(w); m never reset."""
+    """Eq. 5-6 element by element in Python floats: m <- m + gamma (g - m) (larq's order of
+    operations), m from 0; w <- -w where |m| > tau (strict), |m| >= tau (inclusive) and
+    sign(m) = sign(w); larq: also w <- +1 where w m = tau; m never reset."""
 
     def __init__(self, groups: list[dict]) -> None:
-        # groups: {"weights": [list of floats per tensor], "gamma", "threshold", "inclusive"}
+        # groups: {"weights": [list of floats per tensor], "gamma", "threshold", "flip_test"}
         self.groups = groups
         for g in groups:
             g["m"] = [[0.0] * len(w) for w in g["weights"]]
@@ -44,16 +45,19 @@ class ReferenceBop:
     def step(self, grads: list[list[list[float] | None]]) -> list[int]:
         flips_per_group = []
         for group, group_grads in zip(self.groups, grads):
-            gamma, tau, inclusive = group["gamma"], group["threshold"], group["inclusive"]
+            gamma, tau, test = group["gamma"], group["threshold"], group["flip_test"]
             flips = 0
             for w, m, g in zip(group["weights"], group["m"], group_grads):
                 if g is None:
                     continue  # no gradient: skipped, m untouched
                 for j in range(len(w)):
-                    m[j] = (1 - gamma) * m[j] + gamma * g[j]
-                    strong = abs(m[j]) >= tau if inclusive else abs(m[j]) > tau
+                    m[j] = m[j] + gamma * (g[j] - m[j])
+                    strong = abs(m[j]) >= tau if test == "inclusive" else abs(m[j]) > tau
                     if strong and py_sign(m[j]) == py_sign(w[j]):
                         w[j] = -w[j]
+                        flips += 1
+                    elif test == "larq" and w[j] * m[j] == tau and w[j] < 0:
+                        w[j] = 1.0
                         flips += 1
             flips_per_group.append(flips)
         return flips_per_group
@@ -61,8 +65,8 @@ class ReferenceBop:
 
 SHAPES = [[(3, 4), (5,)], [(2, 3, 2), (7,), (1, 1)]]  # two groups of tensors
 HYPER = [
-    {"gamma": 0.02, "threshold": 2e-3, "inclusive": False},
-    {"gamma": 0.2, "threshold": 1e-2, "inclusive": True},
+    {"gamma": 0.02, "threshold": 2e-3, "flip_test": "strict"},
+    {"gamma": 0.2, "threshold": 1e-2, "flip_test": "inclusive"},
 ]
 STEPS = 30
 
@@ -117,9 +121,7 @@ def assert_same_state(params, opt, ref):
         for p, w, m in zip(ps, group["weights"], group["m"]):
             assert flat(p.detach()) == w  # weights: exactly
             if "m" in opt.state[p]:
-                assert opt.state[p]["m"].flatten().tolist() == pytest.approx(
-                    m, rel=1e-12, abs=1e-15
-                )
+                assert opt.state[p]["m"].flatten().tolist() == m  # float64: the same roundings
             else:
                 assert all(v == 0 for v in m)
 
@@ -167,22 +169,26 @@ def test_bop_float32_weights_stay_binary_and_flip_like_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("inclusive", [False, True])
-def test_threshold_equality_edge_case(inclusive, dtype):
+@pytest.mark.parametrize("flip_test", ["strict", "inclusive", "larq"])
+def test_threshold_equality_edge_case(flip_test, dtype):
     # gamma = 1/2, g = 2^-9: m = 0.5 * 0 + 0.5 * 2^-9 = 2^-10 = tau exactly (powers of two).
     tau = 2.0**-10
     w = nn.Parameter(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dtype))
     g = torch.tensor([2.0**-9, -(2.0**-9), 2.0**-9, 2.0**-8], dtype=dtype)
-    opt = Bop([w], threshold=tau, gamma=0.5, inclusive=inclusive)
+    opt = Bop([w], threshold=tau, gamma=0.5, flip_test=flip_test)
     w.grad = g.clone()
     opt.step()
     m = opt.state[w]["m"]
     assert m.tolist() == [tau, -tau, tau, 2 * tau]  # exact
     # element 0: m = tau, same sign -> flips only with >=; 1: same, negative side;
     # element 2: m = tau but opposite sign -> never; element 3: m = 2 tau > tau -> always
-    if inclusive:
+    # larq: w m == tau (elements 0 and 1) sets +1: element 1 (w = -1) turns +1, element 0 stays
+    if flip_test == "inclusive":
         assert w.tolist() == [-1.0, 1.0, -1.0, -1.0]
         assert opt.last_flips == 3
+    elif flip_test == "larq":
+        assert w.tolist() == [1.0, 1.0, -1.0, -1.0]
+        assert opt.last_flips == 2
     else:
         assert w.tolist() == [1.0, -1.0, -1.0, -1.0]
         assert opt.last_flips == 1
@@ -194,7 +200,7 @@ def test_threshold_equality_edge_case(inclusive, dtype):
 
 def test_inclusive_with_zero_threshold_needs_a_nonzero_average():
     w = nn.Parameter(torch.tensor([1.0, -1.0, 1.0]))
-    opt = Bop([w], threshold=0.0, gamma=0.1, inclusive=True)
+    opt = Bop([w], threshold=0.0, gamma=0.1, flip_test="inclusive")
     w.grad = torch.tensor([0.0, 0.0, 1.0])
     opt.step()
     assert w.tolist() == [1.0, -1.0, -1.0]
@@ -230,7 +236,7 @@ def test_state_dict_round_trip_continues_identically():
     opt2 = Bop([{"params": ps} for ps in params2])  # hyperparameters come from the state
     opt2.load_state_dict(saved)
     assert [g["gamma"] for g in opt2.param_groups] == [h["gamma"] for h in HYPER]
-    assert [g["inclusive"] for g in opt2.param_groups] == [h["inclusive"] for h in HYPER]
+    assert [g["flip_test"] for g in opt2.param_groups] == [h["flip_test"] for h in HYPER]
 
     ref = make_reference(weights)
     for t in range(STEPS):
@@ -334,7 +340,8 @@ def test_model_parameters_by_mistake_warns_at_the_first_norm_weight():
         ({"threshold": -1e-8}, "threshold"),
         ({"threshold": float("nan")}, "threshold"),
         ({"gamma": "1e-4"}, "gamma"),
-        ({"inclusive": 1}, "inclusive"),
+        ({"flip_test": True}, "flip_test"),
+        ({"flip_test": "greater"}, "flip_test"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
