@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 GPU_CHECK_OUT ?= gpu-check.json
 GPU_CHECK_BUDGET ?= 450
 
-.PHONY: install test lint demo gpu-check interop clean
+.PHONY: install test lint demo gpu-check interop lce-test clean
 
 install: $(VENV)/.installed
 
@@ -46,3 +46,15 @@ interop:
 	$(INTEROP_VENV)/bin/python -c "import torchvision, timm" 2>/dev/null || $(INTEROP_VENV)/bin/pip install -q "torch==2.14.*" "torchvision==0.29.*" timm
 	$(INTEROP_VENV)/bin/pip install -q -e .
 	$(INTEROP_VENV)/bin/python benchmarks/interop.py --out $(INTEROP_OUT)
+
+# The LCE lane (CONTRIBUTING.md): a separate environment with lightnets[lce] (TensorFlow-CPU
+# 2.16, tf-keras, larq 0.14, Larq Compute Engine 0.16, numpy < 2), then the export to LCE, Bop
+# against larq itself, and the packing / optimizer tests under that stack's numpy.
+# LCE_VENV=path reuses an environment you already have.
+LCE_VENV ?= .venv-lce
+
+lce-test:
+	test -x $(LCE_VENV)/bin/python || python3 -m venv $(LCE_VENV)
+	$(LCE_VENV)/bin/python -c "import torch" 2>/dev/null || $(LCE_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(LCE_VENV)/bin/pip install -q -e ".[lce,dev]"
+	TF_USE_LEGACY_KERAS=1 $(LCE_VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests/lce tests/deploy/test_lce.py tests/deploy/test_pack.py tests/optim

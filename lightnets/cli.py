@@ -148,12 +148,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "evaluate a checkpoint on a data split", _eval_args)
 def eval_command(args: argparse.Namespace) -> int:
-    import torch
-
-    from lightnets.data import build_batch_augment, load_dataset
+    from lightnets.commands import eval_loader
     from lightnets.engine.checkpoint import load_checkpoint, load_model_state
     from lightnets.engine.config import load_config
-    from lightnets.engine.trainer import _dataset_attr, evaluate
+    from lightnets.engine.trainer import evaluate
     from lightnets.models.registry import create_model
 
     path = args.checkpoint
@@ -168,18 +166,9 @@ def eval_command(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(path)
     config = load_config(ckpt["config"], args.overrides)
     split = args.split or config.data.val_split or "test"
-    dataset = load_dataset(config.data.name, root=config.data.root, split=split, **config.data.args)
     model = create_model(ckpt["model_name"], **ckpt["model_args"])
     load_model_state(model, ckpt["model"], ckpt["path"])
-    augment = build_batch_augment(
-        config.data.eval_augment,
-        mean=_dataset_attr(dataset, "mean", None),
-        std=_dataset_attr(dataset, "std", None),
-        image_size=config.data.image_size or _dataset_attr(dataset, "image_size", None),
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.data.eval_batch_size or config.data.per_process_batch(1)
-    )
+    loader, augment = eval_loader(config, split)
     metrics = evaluate(
         model,
         loader,

@@ -191,6 +191,19 @@ def test_main_export_and_corrupt_checkpoint(run_dir, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+def test_main_export_lce_without_tensorflow_names_the_extra(run_dir, tmp_path, capsys):
+    from lightnets.cli import main
+    from lightnets.deploy.lce import lce_available
+
+    if lce_available():
+        pytest.skip("the LCE stack is installed here (the LCE lane tests this command)")
+    out_path = tmp_path / "m.tflite"
+    assert main(["export", str(run_dir), "--out", str(out_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs TensorFlow" in err and "lightnets[lce]" in err and "Traceback" not in err
+    assert not out_path.exists()
+
+
 def test_main_profile(capsys):
     from lightnets.cli import main
 

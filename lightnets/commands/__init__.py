@@ -23,6 +23,7 @@ else:  # pragma: no cover - Python 3.10
 __all__ = [
     "add_set_option",
     "checkpoint_input_size",
+    "eval_loader",
     "load_checkpoint_model",
     "parse_input_size",
     "parse_kwargs",
@@ -148,6 +149,24 @@ def checkpoint_input_size(ckpt: dict[str, Any]) -> tuple[int, ...]:
         )
     hw = [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
     return (1, int(in_chans or 3), *hw)
+
+
+def eval_loader(config, split: str, batch_size: int | None = None):
+    """(DataLoader, eval augmentation) of a run's `split`, as `lightnets eval` reads it."""
+    import torch
+
+    from lightnets.data import build_batch_augment, load_dataset
+    from lightnets.engine.trainer import _dataset_attr
+
+    dataset = load_dataset(config.data.name, root=config.data.root, split=split, **config.data.args)
+    augment = build_batch_augment(
+        config.data.eval_augment,
+        mean=_dataset_attr(dataset, "mean", None),
+        std=_dataset_attr(dataset, "std", None),
+        image_size=config.data.image_size or _dataset_attr(dataset, "image_size", None),
+    )
+    size = batch_size or config.data.eval_batch_size or config.data.per_process_batch(1)
+    return torch.utils.data.DataLoader(dataset, batch_size=size), augment
 
 
 def _open_dataset(config, where: str):

@@ -48,8 +48,10 @@ from lightnets.errors import UserError
 
 __all__ = ["FORMATS", "SUFFIXES", "ExportCheckError", "ExportResult", "export", "format_for_path"]
 
-FORMATS = ("onnx", "torchscript")
-SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript"}
+FORMATS = ("onnx", "torchscript", "lce")
+SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".tflite": "lce"}
+#: Check inputs of an LCE export: a batch this large, free of near-ties (lightnets.deploy.lce).
+LCE_CHECK_BATCH = 16
 _EXPORTERS = ("auto", "legacy", "dynamo")
 
 
@@ -76,6 +78,9 @@ class ExportResult:
     max_abs_diff_fused: float | None  # file vs the fused PyTorch model
     max_abs_diff_unfused: float | None  # file vs the original model in eval mode
     binary_weights: int = 0  # weights stored as bits (packed binary layers)
+    ops: dict[str, int] | None = None  # LCE: operators in the flatbuffer, by name
+    near_ties_skipped: int = 0  # LCE: check inputs drawn and left out as near-ties
+    near_ties_in_check: int = 0  # LCE: checked inputs with near-ties (when too few were clear)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serializable dict."""
@@ -90,7 +95,7 @@ def format_for_path(path: str | Path) -> str:
     if suffix not in SUFFIXES:
         raise UserError(
             f"cannot tell the export format of {str(path)!r} from its suffix {suffix!r}: "
-            "expected .onnx (ONNX) or .pt / .ts (TorchScript), or pass format="
+            "expected .onnx (ONNX), .pt / .ts (TorchScript) or .tflite (LCE), or pass format="
         )
     return SUFFIXES[suffix]
 
@@ -112,7 +117,8 @@ def export(
     exporter: str = "auto",
     seed: int = 0,
 ) -> ExportResult:
-    """Write `model` (fused unless fuse=False) to `path` as ONNX or TorchScript and check it.
+    """Write `model` (fused unless fuse=False) to `path` as ONNX, TorchScript or, for binary
+    networks, an LCE flatbuffer (format="lce", .tflite), and check it.
 
     input_size: the example input (N, C, H, W, or whatever the model takes). The batch axis
     stays dynamic in the file when dynamic_batch; the spatial axes (all after C) when
@@ -122,6 +128,14 @@ def export(
     through the file and through PyTorch; a difference beyond atol + rtol * max|reference|
     raises ExportCheckError. The model itself is not modified (its train/eval flags are
     restored). Float32 on CPU is what gets exported.
+
+    format="lce" (needs ``pip install "lightnets[lce]"``): the model is translated to larq /
+    Keras and converted by LCE's converter (lightnets.deploy.lce), which folds BatchNorm itself
+    (`fuse` does not apply) and keeps the batch axis free; height and width are fixed. The
+    check runs LCE_CHECK_BATCH seeded random inputs whose binarized values are all clear of
+    near-ties (inputs that are not are drawn again and counted in near_ties_skipped) through
+    LCE's interpreter and the PyTorch model: the same argmax per sample and logits within atol +
+    rtol * max|logit|, else ExportCheckError naming the largest difference.
     """
     path = Path(path)
     fmt = _resolve_format(path, format)
@@ -135,12 +149,19 @@ def export(
             f"dynamic_size=True needs spatial axes after (N, C): input_size {_fmt_size(size)}"
         )
     dynamic = _dynamic_axes(len(size), dynamic_batch, dynamic_size)
+    if fmt == "lce" and dynamic_size:
+        raise UserError(
+            "format 'lce' writes a fixed height and width (a flatten's weights depend on them): "
+            "expected dynamic_size=False"
+        )
     if path.exists() and not overwrite:
         raise UserError(f"{path} already exists: expected a new path, or pass overwrite=True")
     if path.is_dir():
         raise UserError(f"{path} is a directory: expected a file path ending in .onnx/.pt/.ts")
 
     reference = _cpu_float_eval_copy(model)
+    if fmt == "lce":
+        return _export_lce(reference, path, size, check, atol, rtol, overwrite, seed)
     with _eval_mode(reference):
         exported = _prepare(reference, fuse)
         x = _random_input(size, seed)
@@ -201,6 +222,139 @@ def export(
 
 
 # --- internals ---------------------------------------------------------------------------
+
+
+def _reference_output(reference: nn.Module, x: torch.Tensor, size: tuple[int, ...]) -> Any:
+    """The model's eval output on the example input; a size that does not fit is a UserError."""
+    with torch.no_grad():
+        try:
+            return reference(x)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise UserError(
+                f"input_size {_fmt_size(size)} does not fit the model "
+                f"{type(reference).__name__} ({first[:200]}): expected the input it takes, "
+                "e.g. (1, in_chans, H, W)"
+            ) from None
+
+
+def _export_lce(
+    reference: nn.Module,
+    path: Path,
+    size: tuple[int, ...],
+    check: bool,
+    atol: float,
+    rtol: float,
+    overwrite: bool,
+    seed: int,
+) -> ExportResult:
+    """format="lce": translate, convert with LCE's converter, check in LCE's interpreter."""
+    from lightnets.deploy import lce
+    from lightnets.nn.binary import is_binary_layer
+
+    with _eval_mode(reference):
+        _check_tensor_output(
+            _reference_output(reference, _random_input(size, seed), size), reference
+        )
+        flatbuffer = lce.convert(reference, size)
+        ops = lce.op_counts(flatbuffer)
+        diff, skipped, tied = None, 0, 0
+        if check:
+            x, skipped, tied = _clear_inputs(reference, size, seed)
+            with torch.no_grad():
+                expected = reference(x)
+            try:
+                got = lce.LceModel(flatbuffer)(x)
+            except Exception as err:  # the interpreter's reason is its message's last line
+                reason = (str(err).strip().splitlines() or [""])[-1][:300]
+                raise ExportCheckError(
+                    f"lce export {path.name} fails in LCE's interpreter: {reason}"
+                ) from None
+            diff = _compare_lce(got, expected, atol, rtol, skipped, tied)
+        params = _count_params(reference)
+        binary = sum(m.weight.numel() for m in reference.modules() if is_binary_layer(m))
+    with atomic_path(path, replace=False) as tmp:
+        tmp.write_bytes(flatbuffer)
+        if path.exists() and not overwrite:  # appeared while we were converting
+            raise UserError(f"{path} already exists: expected a new path, or pass overwrite=True")
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    return ExportResult(
+        path=str(path),
+        format="lce",
+        input_size=size,
+        file_size=path.stat().st_size,
+        params=params,
+        params_unfused=params,
+        fused=True,  # LCE's converter folds BatchNorm into the convolutions' output transform
+        opset=None,
+        exporter="lce-converter",
+        dynamic_batch=True,
+        dynamic_size=False,
+        checked=check,
+        max_abs_diff_fused=diff,
+        max_abs_diff_unfused=diff,
+        binary_weights=binary,
+        ops=ops,
+        near_ties_skipped=skipped,
+        near_ties_in_check=tied,
+    )
+
+
+def _clear_inputs(
+    model: nn.Module, size: tuple[int, ...], seed: int
+) -> tuple[torch.Tensor, int, int]:
+    """LCE_CHECK_BATCH seeded random inputs with no near-tie (lightnets.deploy.lce), how many
+    drawn inputs were left out, and how many of those returned still have near-ties (after 40
+    batches without enough clear ones: the clearest drawn fill the batch)."""
+    from lightnets.deploy.lce import NEAR_TIE, tie_margins
+
+    shape = (LCE_CHECK_BATCH, *size[1:])
+    drawn, margins = [], []
+    for i in range(40):
+        x = _random_input(shape, seed + i)
+        drawn.append(x)
+        margins.append(tie_margins(model, x))
+        clear = torch.cat(margins) > NEAR_TIE
+        if int(clear.sum()) >= LCE_CHECK_BATCH:
+            break
+    inputs, margin = torch.cat(drawn), torch.cat(margins)
+    order = torch.argsort(-margin, stable=True)[:LCE_CHECK_BATCH]
+    chosen = torch.sort(order).values  # the clearest, in the order they were drawn
+    tied = int((margin[chosen] <= NEAR_TIE).sum())
+    skipped = int((margin <= NEAR_TIE).sum()) - tied
+    return inputs[chosen], skipped, tied
+
+
+def _compare_lce(
+    got: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, skipped: int, tied: int
+) -> float:
+    """Max |diff| of the LCE outputs; an ExportCheckError beyond tolerance or on another argmax."""
+    if got.shape != expected.shape:
+        raise ExportCheckError(
+            f"lce export: output shape {tuple(got.shape)} differs from PyTorch's "
+            f"{tuple(expected.shape)}"
+        )
+    diff = _max_abs_diff(got, expected)
+    per_sample = (got.double() - expected.double()).flatten(1).abs().max(1).values
+    worst = int(per_sample.argmax())
+    argmax_differs = expected.dim() == 2 and not torch.equal(got.argmax(1), expected.argmax(1))
+    if argmax_differs or not _within(diff, expected, atol, rtol):
+        raise ExportCheckError(
+            f"lce export does not match the PyTorch model: max |diff| {diff:.3g} (sample {worst} "
+            f"of {got.shape[0]}) against atol {atol:g} + rtol {rtol:g} * max|output| "
+            f"{float(expected.abs().max()):.3g}"
+            + ("; the predicted classes differ" if argmax_differs else "")
+            + f" (inputs with near-ties left out: {skipped}"
+            + (
+                f"; {tied} of the checked inputs still have one, where rounding may pick either "
+                "sign: a difference there need not be a bug"
+                if tied
+                else ""
+            )
+            + ")"
+        )
+    return diff
 
 
 def _resolve_format(path: Path, format: str | None) -> str:
