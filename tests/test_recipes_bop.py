@@ -35,7 +35,7 @@ def test_bnn_mnist_bop_trains_the_binary_weights_with_bop():
     c = load_config("bnn_mnist_bop")
     assert c.model.args["mode"] == "bop" and c.optim.binary == "bop"
     assert (c.optim.name, c.optim.lr) == ("adam", 1e-3)
-    assert (c.optim.bop_gamma, c.optim.bop_threshold, c.optim.bop_inclusive) == (1e-3, 1e-6, False)
+    assert (c.optim.bop_gamma, c.optim.bop_threshold, c.optim.bop_flip_test) == (1e-3, 1e-6, "strict")
     assert c.binary_schedule.name == "constant"
 
 

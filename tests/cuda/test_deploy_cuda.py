@@ -112,7 +112,7 @@ def test_convert_norm_on_device_keeps_eval_then_trains_and_fuses(device):
     x = _inputs(6, (1, 28, 28), seed=3)
     before = _eval_out(model, x.to(device))  # torch's Conv2d + BatchNorm2d
     # the first conv has C_in = 1 < G: it keeps its BN (and says so)
-    with pytest.warns(UserWarning, match="left Conv2d"):
+    with pytest.warns(UserWarning, match="keep their BN"):
         ln.convert_norm(model, "fbn", fbn_groups=4)
     fbns = [m for m in model.modules() if isinstance(m, FBNConv2d)]
     assert len(fbns) == 1 and fbns[0].fbn_groups == 4 and fbns[0].in_channels == 16
