@@ -10,10 +10,10 @@ Both find the layers they count by their exact type (``type(module) in their tab
   ``ptflops.get_model_complexity_info(model, ..., custom_modules_hooks=PTFLOPS_CUSTOM_HOOKS)``.
 
 The hooks count an FBN conv as the one convolution it is at inference (C_in x k x k
-multiply-accumulates per output value, lightnets.profile's convention), plus one add per
-output value for its bias, as both counters count a conv with a bias. fvcore traces the eval
-forward, where an FBN conv is one `conv2d` call, so it needs nothing. Nothing here imports a
-counter.
+multiply-accumulates per output value, lightnets.profile's convention), each as its counter
+counts that `nn.Conv2d` with its bias: ptflops adds one per output value for the bias, thop
+(0.1.1, `count_convNd`) counts no bias. fvcore traces the eval forward, where an FBN conv is
+one `conv2d` call, so it needs nothing. Nothing here imports a counter.
 """
 
 from __future__ import annotations
@@ -28,14 +28,16 @@ from lightnets.nn.fbn import FBNConv2d
 __all__ = ["PTFLOPS_CUSTOM_HOOKS", "THOP_CUSTOM_OPS", "fbn_conv_ops"]
 
 
-def fbn_conv_ops(module: nn.Module, output: torch.Tensor) -> int:
-    """Multiply-accumulates of an FBN conv at inference, plus its bias adds (one per output)."""
+def fbn_conv_ops(module: nn.Module, output: torch.Tensor, bias: bool = True) -> int:
+    """Multiply-accumulates of an FBN conv at inference, plus its bias adds (one per output)
+    unless bias=False."""
     per_output = module.weight[0].numel()  # C_in x kh x kw (FBN convs have groups = 1)
-    return int(output.numel()) * (per_output + 1)
+    return int(output.numel()) * (per_output + int(bias))
 
 
 def _thop_fbn(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-    module.total_ops += torch.DoubleTensor([fbn_conv_ops(module, output)])
+    # thop 0.1.1 counts a conv as N x C_out x H x W x C_in/groups x kh x kw, without its bias
+    module.total_ops += torch.DoubleTensor([fbn_conv_ops(module, output, bias=False)])
 
 
 def _ptflops_fbn(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:

@@ -266,11 +266,13 @@ def test_mixed_real_and_binary_model_is_packed_and_fused():
 def test_counter_hooks_count_an_fbn_conv_as_its_inference_conv():
     """thop / ptflops find layers by exact type and skip FBNConv2d; their hooks (emulated here:
     a counter attribute and a forward hook, as both libraries attach them) count it as the one
-    conv it is at inference: C_in*k*k MACs plus a bias add per output value."""
+    conv it is at inference, as each counts that conv: C_in*k*k MACs per output value, plus a
+    bias add per output value for ptflops (thop 0.1.1's count_convNd counts no bias)."""
     fbn = FBNConv2d(12, 16, 3, stride=2, padding=1, fbn_groups=4).eval()
     conv = nn.Conv2d(12, 16, 3, stride=2, padding=1)  # what fuse makes of it
     x = torch.randn(2, 12, 9, 9)
-    expected = conv(x).numel() * (12 * 3 * 3 + 1)
+    macs = conv(x).numel() * 12 * 3 * 3  # thop's count of `conv`: no bias
+    expected = macs + conv(x).numel()  # ptflops's: a bias add per output value
     fbn.total_ops = torch.zeros(1, dtype=torch.float64)
     fbn.__flops__ = 0
     handles = [
@@ -281,7 +283,7 @@ def test_counter_hooks_count_an_fbn_conv_as_its_inference_conv():
         fbn(x)
     for h in handles:
         h.remove()
-    assert int(fbn.total_ops.item()) == expected and fbn.__flops__ == expected
+    assert int(fbn.total_ops.item()) == macs and fbn.__flops__ == expected
     # the MACs part is lightnets.profile's count of the layer
     prof = profile(nn.Sequential(fbn), (2, 12, 9, 9))
-    assert prof.macs == expected - conv(x).numel()
+    assert prof.macs == macs
