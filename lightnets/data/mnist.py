@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gzip
 import math
+import os
 import zlib
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def mnist(root: str | None = None, split: str = "train") -> ImageTensorDataset:
     if len(labels) and labels.max() > 9:
         raise UserError(f"{label_file}: label {int(labels.max())} found: expected labels 0-9")
     return ImageTensorDataset(
-        torch.from_numpy(images[:, None].copy()),
+        torch.from_numpy(images[:, None]),  # read_idx's own array: no copy needed
         torch.from_numpy(labels.astype(np.int64)),
         MNIST_CLASSES,
         MNIST_MEAN,
@@ -158,9 +159,10 @@ def read_idx(path: str | Path, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
 
     Layout: two zero bytes, a type byte, the number of dimensions, then one big-endian uint32
     per dimension, then the data. The file length must match the header exactly. The header is
-    checked before the data is read, and the data is streamed into a buffer of exactly the
-    declared size: a file that claims more than `max_bytes`, or decompresses to more than it
-    claims (a gzip bomb), is refused with bounded memory.
+    checked before the data is read, and the data is read into one buffer of exactly the
+    declared size, which becomes the returned array (memory: the payload once): a file that
+    claims more than `max_bytes`, or decompresses to more than it claims (a gzip bomb), is
+    refused with bounded memory.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -175,7 +177,7 @@ def read_idx(path: str | Path, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
 
 
 def _read_exactly(f, n: int) -> bytes:
-    """Up to n bytes (fewer only at the end of the stream)."""
+    """Up to n bytes (fewer only at the end of the stream), for the small header."""
     chunks, left = [], n
     while left > 0:
         chunk = f.read(min(left, 1 << 20))
@@ -184,6 +186,29 @@ def _read_exactly(f, n: int) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def _read_into(f, buffer: bytearray) -> int:
+    """Fill `buffer` from the stream in place, 1 MB at a time (a gzip stream decompresses
+    each into a temporary of that size); the bytes read (fewer than its size only at the end
+    of the stream)."""
+    view, done = memoryview(buffer), 0
+    while done < len(buffer):
+        got = f.readinto(view[done : done + (1 << 20)])
+        if not got:
+            break
+        done += got
+    return done
+
+
+def _file_size(f) -> int | None:
+    """The size of an uncompressed file on disk (None for a decompressing stream)."""
+    if isinstance(f, gzip.GzipFile):
+        return None
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (OSError, AttributeError, ValueError):
+        return None
 
 
 def _read_idx_stream(f, path: Path, max_bytes: int) -> np.ndarray:
@@ -209,13 +234,20 @@ def _read_idx_stream(f, path: Path, max_bytes: int) -> np.ndarray:
             f"{path}: its header declares shape {dims} of {dtype.name}, {size:,} bytes: expected "
             f"at most {max_bytes:,} (a corrupt or hostile file; nothing was decompressed)"
         )
-    payload = _read_exactly(f, size)
+    payload = bytearray(size)
+    got = _read_into(f, payload)
     extra = f.read(1)
-    if len(payload) != size or extra:
-        got = f"{header + len(payload):,}" if not extra else f"more than {header + size:,}"
+    if got != size or extra:
+        if not extra:
+            what = f"{header + got:,}"
+        else:  # a file on disk says how large it is; a gzip stream is not read further
+            total = _file_size(f)
+            what = f"{total:,}" if total is not None else f"more than {header + size:,}"
         raise UserError(
-            f"{path}: {got} bytes, but its header declares shape {dims} of {dtype.name}: "
+            f"{path}: {what} bytes, but its header declares shape {dims} of {dtype.name}: "
             f"expected exactly {header + size:,} bytes (truncated or corrupt download?)"
         )
-    data = np.frombuffer(payload, dtype=dtype).reshape(dims)
-    return data.astype(dtype.newbyteorder("="), copy=True)
+    data = np.frombuffer(payload, dtype=dtype).reshape(dims)  # writable: a bytearray's
+    if not dtype.isnative:  # big-endian on this machine: swapped in place, no copy
+        data = data.byteswap(inplace=True).view(dtype.newbyteorder("="))
+    return data

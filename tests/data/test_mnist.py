@@ -144,3 +144,38 @@ def test_labels_file_with_images_is_refused(files, tmp_path):
     files.write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros((5, 2, 2), np.uint8))
     with pytest.raises(UserError, match="train-labels-idx1-ubyte.*expected 1-d"):
         load_dataset("mnist", root=tmp_path, split="train")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_holds_the_payload_once(files, tmp_path, gz):
+    """The payload is read into one buffer that becomes the array: peak memory about the
+    payload, not twice it (chunks, then their join) plus a byte-order copy."""
+    import tracemalloc
+
+    images = np.random.default_rng(0).integers(0, 256, (2000, 64, 64), dtype=np.uint8)
+    files.write_idx(tmp_path / "x-idx3-ubyte", images, gz=gz)
+    path = tmp_path / ("x-idx3-ubyte.gz" if gz else "x-idx3-ubyte")
+    tracemalloc.start()
+    try:
+        out = read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(out, images)
+    assert out.flags.writeable  # torch.from_numpy takes it as it is
+    assert peak < 1.25 * images.nbytes, (peak, images.nbytes)
+    big = np.arange(-6, 6, dtype=np.int32).reshape(3, 4)  # big-endian on disk: swapped in place
+    files.write_idx(tmp_path / "y.idx", big, gz=gz)
+    got = read_idx(tmp_path / ("y.idx.gz" if gz else "y.idx"))
+    assert got.dtype == np.int32 and got.dtype.isnative
+    np.testing.assert_array_equal(got, big)
+
+
+def test_a_file_longer_than_its_header_says_gives_its_true_size(files, tmp_path):
+    path = tmp_path / "x-idx1-ubyte"
+    files.write_idx(path, np.zeros(10, np.uint8))
+    path.write_bytes(path.read_bytes() + bytes(1000))
+    with pytest.raises(UserError) as err:
+        read_idx(path)
+    assert "1,018 bytes, but its header declares shape (10,)" in str(err.value)
+    assert "expected exactly 18 bytes" in str(err.value)
