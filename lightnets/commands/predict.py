@@ -17,8 +17,9 @@ A dimension that fits in one window is neither tiled nor padded: an image no lar
 tile is one forward pass of the whole image.
 
 Writes `OUT_mask.png` (8-bit: 255 where the predicted class is 1 = building, 0 elsewhere) and
-`OUT_overlay.png` (the image with building pixels tinted red), OUT defaulting to the image's
-path without its suffix; existing outputs are refused without --overwrite.
+`OUT_overlay.png` (the image with building pixels tinted cyan, outlined in yellow), OUT
+defaulting to the image's path without its suffix, each atomically (a failed write, a full
+disk, is one line and leaves no half file); existing outputs are refused without --overwrite.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,8 +84,9 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-pixels",
         type=int,
-        help="read images of up to this many pixels (Pillow refuses those over twice its "
-        "decompression-bomb limit of about 89M pixels; raise it for a large scene you trust)",
+        help="read images of up to this many pixels, refuse larger ones (default: Pillow's "
+        "decompression-bomb guard, which refuses images over 2 x 89,478,485 pixels); raise it "
+        "for a large scene you trust",
     )
 
 
@@ -164,7 +167,9 @@ def sliding_window_mask(
     `sliding_window_logits(model, transform(image), ...)`, computed in bounded memory.
 
     Windows are cut from the uint8 image and transformed a batch at a time (the whole image is
-    never converted to float), and the averaged logits live in a band of window-height rows:
+    never converted to float; the transform runs where its own buffers are, e.g. the CPU, and
+    its output moves to the model's device), and the averaged logits live in a band of
+    window-height rows:
     once the windows of a row start below a pixel row, no later window covers it, so it is
     final and goes into the mask. Memory: the image, the mask, a band of K x (tile + stride) x W
     logits and one batch of windows, whatever the scene's size. `progress` shows a bar over the
@@ -182,6 +187,7 @@ def sliding_window_mask(
     ys = window_starts(hh, wh, max(1, wh - overlap))
     xs = window_starts(ww, wwid, max(1, wwid - overlap))
     cols = {x0: _reflect(torch.arange(x0 - pw, x0 - pw + wwid), w) for x0 in xs}
+    model_device, transform_device = _device_of(model), _device_of(transform)
     mask = torch.zeros(h, w, dtype=torch.uint8)
     band_top, band = 0, None  # logits sum and count of padded rows band_top..
     count = None
@@ -216,8 +222,7 @@ def sliding_window_mask(
         for i in range(0, len(xs), max(1, batch_size)):
             chunk = xs[i : i + batch_size]
             crops = torch.cat([strip[..., cols[x0]] for x0 in chunk])
-            param = next(model.parameters(), None)
-            crops = transform(crops.to(param.device if param is not None else "cpu"))
+            crops = transform(crops.to(transform_device)).to(model_device)
             out = model(crops).float().cpu()
             if band is None:
                 band = torch.zeros(out.shape[1], 0, ww)
@@ -234,6 +239,14 @@ def sliding_window_mask(
     flush(hh)
     bar.close()
     return mask
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Where a module computes: its first parameter's or buffer's device (the CPU when it
+    holds none)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def overlay(rgb: np.ndarray, building: np.ndarray) -> np.ndarray:
@@ -274,22 +287,32 @@ def _floats(text: str | None, option: str, channels: int) -> tuple[float, ...] |
     return values
 
 
+def _pixels(image) -> torch.Tensor:
+    """The (H, W, C) uint8 pixels of a PIL image as a tensor, one copy of the image (numpy's
+    view of Pillow's bytes, read-only: the tensor is only read, never written)."""
+    array = np.asarray(image)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        data = torch.from_numpy(array)
+    return data if data.ndim == 3 else data[..., None]
+
+
 def _read_image(
     path: Path, channels: int, max_pixels: int | None = None
-) -> tuple[torch.Tensor, object]:
-    """(uint8 tensor (1, C, H, W), the RGB PIL image for the overlay); the reading policy of
-    `lightnets.data.images` (16-bit refused, not clipped; a bomb-sized image is one line)."""
+) -> tuple[torch.Tensor, np.ndarray]:
+    """(uint8 tensor (1, C, H, W), the (H, W, 3) uint8 RGB pixels for the overlay); the
+    reading policy of `lightnets.data.images` (16-bit refused, not clipped; a bomb-sized image
+    is one line). For an RGB model both share one copy of the image's pixels."""
     from lightnets.data.images import open_image
 
     if not path.is_file():
         raise UserError(f"image {path} does not exist: expected an image file")
-    rgb = open_image(path, "RGB", max_pixels=max_pixels)
-    src = rgb if channels == 3 else rgb.convert("L")
     if channels not in (1, 3):
         raise UserError(f"the model takes {channels} input channels: expected 1 or 3")
-    data = torch.frombuffer(bytearray(src.tobytes()), dtype=torch.uint8)
-    x = data.reshape(src.height, src.width, channels).permute(2, 0, 1).unsqueeze(0)
-    return x.contiguous(), rgb
+    image = open_image(path, "RGB", max_pixels=max_pixels)
+    rgb = _pixels(image)
+    x = rgb if channels == 3 else _pixels(image.convert("L"))
+    return x.permute(2, 0, 1).unsqueeze(0), rgb.numpy()
 
 
 def _run_normalization(config, args, channels: int, where: str):
@@ -332,6 +355,15 @@ def _outputs(args) -> tuple[Path, Path]:
         )
     mask.parent.mkdir(parents=True, exist_ok=True)
     return mask, overlay
+
+
+def _save_png(image, path: Path) -> None:
+    """Write `image` as PNG atomically: a killed or failed write (a full disk: one
+    StorageError) leaves no half file and the previous one, if any, as it was."""
+    from lightnets.engine.files import atomic_path, storage_errors
+
+    with storage_errors(path), atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def predict_command(args: argparse.Namespace) -> int:
@@ -384,8 +416,8 @@ def predict_command(args: argparse.Namespace) -> int:
         model, x, transform, tile, overlap, args.batch_size, progress=large and not args.quiet
     )
     building = (pred == 1).numpy()
-    Image.fromarray(building.astype(np.uint8) * 255, mode="L").save(mask_path)
-    Image.fromarray(overlay(np.asarray(rgb), building), mode="RGB").save(overlay_path)
+    _save_png(Image.fromarray(building.astype(np.uint8) * 255, mode="L"), mask_path)
+    _save_png(Image.fromarray(overlay(rgb, building), mode="RGB"), overlay_path)
     print(
         json.dumps(
             {

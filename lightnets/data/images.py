@@ -7,14 +7,18 @@ dataset, the building tiles, `lightnets data tile`, `lightnets predict`).
   values to 255 instead of rescaling them, so a 4000-valued tile would load all white and
   then be dropped as no-data: silently wrong. No rescaling rule is right for every sensor (full
   16-bit range, 12 bits, per-band stretches), so the conversion is the user's, made once.
-- An image larger than Pillow's decompression-bomb limit is one line naming the limit and the
-  `max_pixels` that raises it (`lightnets predict --max-pixels`).
+- An image over the pixel limit is one line naming the limit. With `max_pixels` (`lightnets
+  predict --max-pixels`) the limit is exact: more pixels than that are refused. Without it,
+  Pillow's decompression-bomb guard applies as Pillow has it: images over twice
+  `Image.MAX_IMAGE_PIXELS` (2 x 89,478,485 by default) are refused (Pillow only warns between
+  once and twice it).
 - Any other failure to decode is one line naming the file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,22 +55,39 @@ def open_image(
     (see the module docstring). `what` names the file's role in messages."""
     path = Path(path)
     try:
-        with pixel_limit(max_pixels), Image.open(path) as img:
-            if is_high_depth(img.mode):
-                raise UserError(
-                    f"{what} {path} has {img.mode!r} pixels (more than 8 bits a channel), which "
-                    "would be clipped at 255: expected an 8-bit image; convert it first with "
-                    "the scaling your sensor needs (e.g. value * 255 / 4095 for 12-bit data)"
-                )
-            img.load()
-            return img.convert(mode)
+        with pixel_limit(max_pixels), warnings.catch_warnings():
+            if max_pixels is not None:  # the exact check below replaces Pillow's warning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                pixels = img.width * img.height
+                if max_pixels is not None and pixels > max_pixels:
+                    raise UserError(
+                        f"{what} {path} has {img.width} x {img.height} = {pixels:,} pixels, "
+                        f"more than the limit of {max_pixels:,}: expected a smaller image, or a "
+                        "higher limit (--max-pixels N) if you trust the file"
+                    )
+                if is_high_depth(img.mode):
+                    raise UserError(
+                        f"{what} {path} has {img.mode!r} pixels (more than 8 bits a channel), "
+                        "which would be clipped at 255: expected an 8-bit image; convert it "
+                        "first with the scaling your sensor needs (e.g. value * 255 / 4095 for "
+                        "12-bit data)"
+                    )
+                img.load()
+                return img.convert(mode)
     except UserError:
         raise
     except Image.DecompressionBombError as err:
-        limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+        if max_pixels is not None:  # Pillow's own check, at twice the limit: before ours
+            over = f"more than the limit of {max_pixels:,} (over twice it)"
+        else:
+            over = (
+                f"more than Pillow's decompression-bomb limit: it refuses images over 2 x "
+                f"Image.MAX_IMAGE_PIXELS = {2 * Image.MAX_IMAGE_PIXELS:,} pixels ({err})"
+            )
         raise UserError(
-            f"{what} {path} is larger than Pillow's limit of {limit:,} pixels ({err}): "
-            "expected a smaller image, or a higher limit (--max-pixels N) if you trust the file"
+            f"{what} {path} has {over}: expected a smaller image, or a higher limit "
+            "(--max-pixels N) if you trust the file"
         ) from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise UserError(

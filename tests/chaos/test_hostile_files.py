@@ -132,7 +132,20 @@ def test_an_image_over_the_pixel_limit_is_one_line_naming_the_option(tmp_path):
     with pytest.raises(UserError) as err:
         open_image(img, max_pixels=500)  # 1600 pixels > 2 x 500: Pillow's bomb error
     message = str(err.value)
-    assert "larger than Pillow's limit of 500 pixels" in message and "--max-pixels" in message
+    assert "more than the limit of 500" in message and "--max-pixels" in message
     assert open_image(img, max_pixels=10_000).size == (40, 40)
+
+
+def test_max_pixels_is_exact_where_pillow_only_warns(tmp_path):
+    """Pillow refuses only images over twice its limit and warns between once and twice it:
+    max_pixels=N reads up to N pixels, and refuses N + 1 (here 1600 pixels, N = 1000)."""
+    img = tmp_path / "scene.png"
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(img)
+    with pytest.raises(UserError) as err:
+        open_image(img, max_pixels=1000)
+    assert "40 x 40 = 1,600 pixels, more than the limit of 1,000" in str(err.value)
+    assert open_image(img, max_pixels=1600).size == (40, 40)
+    with pytest.raises(UserError, match="more than the limit of 1,599"):
+        open_image(img, max_pixels=1599)
     done = run_cli("predict", str(tmp_path / "no-run"), str(img), "--max-pixels", "0")
     assert done.returncode == 2 and "--max-pixels 0: expected at least 1" in done.stderr

@@ -220,3 +220,71 @@ def test_export_segmentation_run_onnx(run_dir, tmp_path, capsys):
     assert "fixed height and width" in capsys.readouterr().out
     shape = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"]).get_inputs()[0]
     assert all(isinstance(n, int) for n in shape.shape[1:])
+
+
+def test_the_transform_runs_where_its_buffers_are_the_model_where_its_weights_are():
+    """With the model on CUDA, windows went to the GPU before the transform, whose mean / std
+    stay on the CPU: a device mismatch. The meta device stands in for the GPU here."""
+    from lightnets.commands.predict import sliding_window_mask
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(1, device="meta"))
+            self.seen: set[str] = set()
+
+        def forward(self, x):
+            self.seen.add(x.device.type)
+            return torch.zeros(x.shape[0], 2, *x.shape[-2:])
+
+    class Normalize(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
+
+        def forward(self, x):
+            assert x.device == self.mean.device, f"the transform got its input on {x.device}"
+            return x.float() / 255 - self.mean
+
+    image = torch.randint(0, 256, (1, 3, 20, 30), dtype=torch.uint8)
+    model = Model()
+    mask = sliding_window_mask(model, image, Normalize(), 12, 4, batch_size=3)
+    assert model.seen == {"meta"} and mask.shape == (20, 30)
+
+
+def test_the_image_is_read_into_one_copy_shared_by_model_input_and_overlay(tmp_path):
+    from lightnets.commands.predict import _read_image
+
+    img = _image(tmp_path / "a.png", 21, 34, seed=2)
+    x, rgb = _read_image(img, 3)
+    want = np.asarray(Image.open(img).convert("RGB"))
+    assert x.shape == (1, 3, 21, 34) and x.dtype == torch.uint8
+    assert np.array_equal(rgb, want) and np.array_equal(x[0].permute(1, 2, 0).numpy(), want)
+    assert np.shares_memory(x.numpy(), rgb)  # no second copy of the pixels
+    gray, _ = _read_image(img, 1)
+    assert gray.shape == (1, 1, 21, 34)
+    assert np.array_equal(gray[0, 0].numpy(), np.asarray(Image.open(img).convert("L")))
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_half_file(
+    run_dir, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    img = _image(tmp_path / "scene.png", 30, 30)
+    real_save = Image.Image.save
+
+    def save(self, fp, *args, **kwargs):
+        if "overlay" in str(fp):
+            real_save(self, fp, *args, **kwargs)  # written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    assert main(["predict", str(run_dir), str(img)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write" in err[0] and "scene_overlay.png" in err[0]
+    assert "No space left" in err[0]
+    assert (tmp_path / "scene_mask.png").is_file()  # written before, whole
+    assert not (tmp_path / "scene_overlay.png").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
