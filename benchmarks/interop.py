@@ -4,11 +4,13 @@ For each model: BN statistics primed by a few train-mode passes, then in eval
 
 - `fuse`: norm layers before / after (any torch BatchNorm, subclasses such as timm's
   BatchNormAct2d included), the largest output difference relative to the output's range;
-- `convert_norm(m, "fbn", fbn_groups=4)` on a copy: FBN convs made, the eval difference at
-  conversion, one SGD step, and whether the trained model fuses back to the original's fused
-  parameter count;
+- `convert_norm(m, "fbn", fbn_groups=4)` on a copy: FBN convs made, the pairs it left (those it
+  should have converted, and the grouped ones FBNConv2d does not support), the eval difference
+  at conversion, one SGD step, and whether the trained model fuses back to the original's
+  fused parameter count;
 - `convert_norm(m, "gn", num_groups="auto")` on a copy: one training step with a finite loss;
-- `convert_norm(m, "frozen_bn")` on a copy: the eval difference (it must be ~0);
+- `convert_norm(m, "frozen_bn")` on a copy: the eval difference (it must be ~0) and the conv
+  count after `fuse` (the same as the original's: a model's own hooks still merge branches);
 - `profile`: parameters, fused parameters and MACs; the conv count after `fuse` beside timm's
   own `reparameterize_model` where timm has one;
 - `export` to ONNX (fused, checked in onnxruntime by lightnets itself).
@@ -67,10 +69,12 @@ HEAD = [
     "fuse max diff",
     "fbn convs",
     "fbn missed",
+    "fbn grouped kept",
     "fbn diff",
     "fbn train + fuse",
     "gn auto step",
     "frozen_bn diff",
+    "frozen_bn convs fused",
     "params",
     "fused params",
     "MACs",
@@ -125,13 +129,16 @@ def train_step(model: nn.Module, size: int) -> float:
     return float(loss)
 
 
-def missed_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """Conv2d -> BatchNorm2d pairs still there that FBN applies to (not depthwise / grouped,
-    at least 4 input channels)."""
+def missed_pairs(model: nn.Module, grouped: bool = False) -> list[tuple[str, str]]:
+    """Conv2d -> BatchNorm2d pairs still there that FBN applies to (not depthwise, at least 4
+    input channels): with groups == 1, or with grouped=True the grouped ones of several input
+    channels a group, which FBNConv2d does not support (convert_norm warns naming them)."""
     from lightnets.deploy.fuse import find_pairs, is_foldable_linear
 
     def conv(m: nn.Module) -> bool:
-        return isinstance(m, nn.Conv2d) and is_foldable_linear(m) and m.groups == 1
+        if not (isinstance(m, nn.Conv2d) and is_foldable_linear(m)):
+            return False
+        return 1 < m.groups < m.in_channels if grouped else m.groups == 1
 
     def bn(m: nn.Module) -> bool:
         return isinstance(m, nn.BatchNorm2d)
@@ -174,6 +181,7 @@ def check(source: str, name: str, size: int) -> dict:
         ln.convert_norm(fbn, "fbn", fbn_groups=4)
         row["fbn convs"] = sum(isinstance(m, ln.nn.FBNConv2d) for m in fbn.modules())
         row["fbn missed"] = len(missed_pairs(fbn))
+        row["fbn grouped kept"] = len(missed_pairs(fbn, grouped=True))
         with torch.no_grad():
             row["fbn diff"] = rel_diff(fbn.eval()(x), ref)
         loss = train_step(fbn, size)
@@ -187,6 +195,7 @@ def check(source: str, name: str, size: int) -> dict:
         ln.convert_norm(frozen, "frozen_bn")
         with torch.no_grad():
             row["frozen_bn diff"] = rel_diff(frozen.eval()(x), ref)
+        row["frozen_bn convs fused"] = convs(ln.fuse(frozen))
 
         prof = ln.profile(model, (1, 3, size, size))
         row.update(params=prof.params, **{"fused params": prof.fused_params, "MACs": prof.macs})
@@ -271,8 +280,12 @@ def main(argv: list[str] | None = None) -> int:
             "names them in a warning; convnext_atto has LayerNorms only). "
             "Diffs are max |difference| / max |reference| of the logits. fbn convs: the "
             "Conv2d+BN pairs convert_norm('fbn', fbn_groups=4) made FBN (not the depthwise and "
-            "C_in < 4 ones); fbn missed: such pairs it left (must be 0); fbn train + fuse: one "
-            "SGD step, then fuse gives the original's fused parameter count. convs fused "
+            "C_in < 4 ones); fbn missed: such pairs it left (must be 0); fbn grouped kept: "
+            "grouped (not depthwise) conv+BN pairs it left as they were, because FBNConv2d has "
+            "no conv groups (convert_norm warns naming them); fbn train + fuse: one "
+            "SGD step, then fuse gives the original's fused parameter count. frozen_bn convs "
+            "fused: Conv2d count after convert_norm('frozen_bn') then fuse (the model's own "
+            "reparameterization hooks still merge its branches: as convs fused). convs fused "
             "(timm's): Conv2d count after lightnets.fuse, and after timm's own "
             "reparameterize_model in parentheses.\n"
         )

@@ -119,8 +119,9 @@ def _convert_fbn(
     """Every Conv2d -> BatchNorm2d pair becomes an FBNConv2d (the BN an nn.Identity).
 
     fbn_groups (G) or channels_per_group (c, G = C_in / c per layer) is required. Left as they
-    are: grouped/depthwise convs (nothing to group, logged), convs with C_in < G or whose C_in
-    c does not divide, BNs without running statistics, non-zero padding modes (warned; `strict=True`
+    are: depthwise convs (one input channel a group: nothing to split, logged); other grouped
+    convs (FBNConv2d has no conv groups), convs with C_in < G or whose C_in c does not divide,
+    BNs without running statistics, non-zero padding modes (warned, each named; `strict=True`
     raises instead). sync_stats=None follows the BN (True for SyncBatchNorm).
     """
     if (fbn_groups is None) == (channels_per_group is None):
@@ -138,7 +139,7 @@ def _convert_fbn(
             + did_you_mean(str(impl), IMPLS)
         )
 
-    indivisible, unsupported, grouped, plan = [], [], [], []
+    indivisible, unsupported, depthwise, grouped, plan = [], [], [], [], []
     narrow: list[str] = []  # fewer input channels than G: nothing to split (an RGB stem)
     pairs = find_pairs(model, _is_conv2d, _is_bn2d)
     # BNs after a conv of another kind (a BinaryConv2d: FBN does not apply to it), and BNs
@@ -174,7 +175,10 @@ def _convert_fbn(
         if bn.num_features != conv.out_channels:
             continue
         if conv.groups != 1:
-            grouped.append(conv_name)
+            if conv.in_channels == conv.groups:
+                depthwise.append(conv_name)
+            else:  # several input channels a group: FBN would apply, FBNConv2d has no groups
+                grouped.append(f"{conv_name} (groups={conv.groups})")
             continue
         if bn.running_mean is None:
             unsupported.append(f"{conv_name} (its BN {bn_name} keeps no running statistics)")
@@ -196,9 +200,14 @@ def _convert_fbn(
         groups = c_in // channels_per_group if channels_per_group is not None else fbn_groups
         plan.append((conv_name, bn_name, groups))
 
-    if grouped:
-        log.info("convert_norm('fbn'): grouped/depthwise convs keep their BN: %s", grouped)
+    if depthwise:
+        log.info("convert_norm('fbn'): depthwise convs keep their BN: %s", depthwise)
     problems = []
+    if grouped:
+        problems.append(
+            f"{len(grouped)} grouped conv(s), which FBNConv2d does not support (it has no conv "
+            f"groups): {name_a_few(grouped)}"
+        )
     if indivisible:
         problems.append(
             f"{len(indivisible)} conv(s) whose C_in cannot be split so: {name_a_few(indivisible)}"
@@ -266,8 +275,9 @@ def _is_batch_norm(m: nn.Module) -> bool:
     """The layers the other kinds replace: torch's BatchNorm1d/2d/3d and SyncBatchNorm (and
     subclasses that keep torch's forward), and the batch-statistics norms of lightnets.nn.norm
     (FrozenBatchNorm, BatchRenorm). GroupNorm (gn/ln/in), FBN convs and InstanceNorm are left
-    alone, and so is a BN subclass with a forward of its own that could not be split into the
-    norm and its activation (replacing it would drop the activation)."""
+    alone, and so is any BN subclass with a forward of its own (timm's SyncBatchNormAct too)
+    that could not be split into the norm and its activation: replacing it would drop what
+    its forward adds."""
     if is_norm_act_candidate(m):
         return False
     return isinstance(m, (_BatchNorm, FrozenBatchNorm, BatchRenorm))

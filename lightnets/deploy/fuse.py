@@ -4,7 +4,9 @@
 equals at inference, every Conv1d/2d/3d (any groups, depthwise included) whose output goes only
 into a BatchNorm is that conv with the BN folded into its weight and bias, and every Linear
 followed by BatchNorm1d likewise. A `FrozenBatchNorm` or `BatchRenorm` (lightnets.nn.norm) is
-folded the same way: in eval both are BN's per-channel affine map on fixed statistics.
+folded the same way: in eval both are BN's per-channel affine map on fixed statistics; so are
+frozen BNs written elsewhere (torchvision's FrozenBatchNorm2d, timm's), through
+`lightnets.deploy.normact`.
 GroupNorm (gn/ln/in) depends on each sample and is left in place. The outputs equal
 ``model.eval()(x)``.
 
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightnets.deploy.normact import name_a_few, split_norm_act
+from lightnets.deploy.normact import NormAct, name_a_few, split_norm_act
 from lightnets.errors import UserError
 from lightnets.nn.fbn import FBNConv2d, FBNNormSlot
 from lightnets.nn.norm import BatchRenorm, FrozenBatchNorm
@@ -265,12 +267,16 @@ def reparameterize_(model: nn.Module) -> list[str]:
                 trial = copy.deepcopy(child)
                 try:
                     result = getattr(trial, hook)()
-                    if hook == "fuse" and not isinstance(result, nn.Module):
-                        raise TypeError(f"returned {type(result).__name__}, not an nn.Module")
+                    # fuse() returns the replacement, or None when it works in place
+                    # (ultralytics' RepVGGDW.fuse); anything else is no module to use
+                    if hook == "fuse" and not (result is None or isinstance(result, nn.Module)):
+                        raise TypeError(
+                            f"returned {type(result).__name__}, not an nn.Module or None"
+                        )
                 except Exception as err:
                     failed.append(f"{name}.{hook}() ({type(err).__name__}: {str(err)[:120]})")
                 else:
-                    child = result if hook == "fuse" else trial
+                    child = result if hook == "fuse" and result is not None else trial
                     setattr(module, child_name, child)
                     called.append(f"{name}.{hook}")
             walk(child, name)
@@ -294,7 +300,7 @@ def _show_hooks_conv_bn(model: nn.Module) -> None:
         model, lambda m: isinstance(m, FBNConv2d), lambda m: isinstance(m, FBNNormSlot)
     )
     for conv_name, slot_name in pairs:
-        conv = model.get_submodule(conv_name).to_conv()
+        conv = model.get_submodule(conv_name).to_conv().eval()  # torch's fuse_conv_bn_eval
         bias = conv.bias.detach().clone()
         conv.bias = None
         bn = nn.BatchNorm2d(bias.numel(), eps=1e-5, device=bias.device, dtype=bias.dtype).eval()
@@ -304,15 +310,70 @@ def _show_hooks_conv_bn(model: nn.Module) -> None:
         set_module(model, slot_name, bn)
 
 
+_BN_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def _as_batch_norm(module: nn.Module) -> nn.Module | None:
+    """The eval-mode torch BatchNorm that computes what `module` computes in eval, for a
+    module that is a fixed per-channel affine map there (a FrozenBatchNorm, a BatchRenorm, a
+    SyncBatchNorm with running statistics, or a NormAct of one whose other children are all
+    nn.Identity: a converted timm norm layer without activation); None for anything else."""
+    norm = module
+    if isinstance(module, NormAct):
+        others = [child for name, child in module.named_children() if name != "norm"]
+        if not all(isinstance(child, nn.Identity) for child in others):
+            return None
+        norm = module.norm
+    if isinstance(norm, tuple(_BN_CLASSES.values())) and is_foldable_norm(norm):
+        return norm if norm is not module else None  # a BN already: unwrapped from its NormAct
+    if not is_eval_affine_norm(norm):
+        return None
+    mean = norm.running_mean
+    cls = _BN_CLASSES.get(getattr(norm, "dims", None) or 2)
+    bn = cls(norm.num_features, eps=norm.eps, device=mean.device, dtype=mean.dtype).eval()
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(norm.running_var)
+    if norm.weight is not None:
+        bn.weight.copy_(norm.weight)
+    if norm.bias is not None:
+        bn.bias.copy_(norm.bias)
+    return bn
+
+
+@torch.no_grad()
+def _show_hooks_batch_norms(model: nn.Module) -> None:
+    """Inside each module with a reparameterization hook, every norm `_as_batch_norm` can
+    express becomes that plain eval-mode BatchNorm: the branch a RepVGG / MobileOne hook
+    expects after `convert_norm` to bn, frozen_bn, brn or sync_bn (timm's `_fuse_bn_tensor`
+    asserts ``isinstance(branch, nn.BatchNorm2d)``). Eval outputs are unchanged."""
+    replacements: dict[str, nn.Module] = {}
+    for prefix, hooked in model.named_modules():
+        if not prefix or _hook(hooked) is None:
+            continue  # the model's own hook is not called (reparameterize_ walks children)
+        for name, module in hooked.named_modules(prefix=prefix):
+            done = name == prefix or name in replacements
+            if done or any(name.startswith(outer + ".") for outer in replacements):
+                continue  # the hooked module itself, or inside a NormAct replaced whole
+            bn = _as_batch_norm(module)
+            if bn is not None:
+                replacements[name] = bn
+    for name, bn in replacements.items():
+        set_module(model, name, bn)
+
+
 def fuse(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` with every foldable normalization folded away.
 
     First the model's own structural reparameterization hooks run (`reparameterize_`: timm's
     and the RepVGG / MobileOne / DBB family's `fuse()`, `reparameterize()`,
-    `switch_to_deploy()`), which merge multi-branch blocks into one conv; then norm layers with
-    a built-in activation are split (`lightnets.deploy.normact`), and then:
+    `switch_to_deploy()`), which merge multi-branch blocks into one conv; inside their modules
+    the norms `convert_norm` made are shown as what the hooks expect first (an FBN conv as a
+    conv + BatchNorm2d, a frozen / renormalized / synced BN as a BatchNorm, in eval mode, as
+    torch's `fuse_conv_bn_eval` requires). Then norm layers with a built-in activation are
+    split (`lightnets.deploy.normact`), and then:
     FBNConv2d -> nn.Conv2d with bias; Conv(1d/2d/3d)/Linear -> BatchNorm -> the conv/linear with
-    folded weight and bias, the BN replaced by nn.Identity. `model` itself is not modified (its
+    folded weight and bias, the BN replaced by nn.Identity. The result is in eval mode, every
+    module of it (what the hooks and the folding made too); `model` itself is not modified (its
     training flag included). BatchNorms that cannot be folded (no running statistics, or no conv
     feeding only them) are left in place and reported with a warning. A BN after a binary layer
     (lightnets.nn.BinaryConv2d / BinaryLinear, or a packed one) is never folded into it: its
@@ -322,13 +383,14 @@ def fuse(model: nn.Module) -> nn.Module:
     fused = _copy_of(model).eval()
     if any(_hook(m) is not None for m in fused.modules()):
         _show_hooks_conv_bn(fused)  # converted to FBN: the hooks see their conv + BN again
+        _show_hooks_batch_norms(fused)  # converted norms: the hooks see a BatchNorm again
         reparameterize_(fused)  # RepVGG / MobileOne / DBB branches first: one conv each
     fused, norm_act = split_norm_act(fused)
-    fused.eval()
+    fused.eval()  # what the hooks made (new convs) too
     for name, module in list(fused.named_modules()):
         if isinstance(module, FBNConv2d):
             if name:
-                set_module(fused, name, module.to_conv())
+                set_module(fused, name, module.to_conv().eval())
             else:
                 fused = module.to_conv().eval()
 
@@ -366,7 +428,7 @@ def fuse(model: nn.Module) -> nn.Module:
                 f"({UNPAIRED_REASONS})",
                 stacklevel=2,
             )
-    return fused
+    return fused.eval()
 
 
 def _copy_of(model: nn.Module) -> nn.Module:

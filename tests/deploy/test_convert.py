@@ -202,3 +202,27 @@ def test_an_rgb_stem_is_explained_once_not_reported_as_a_failure():
     assert "1 conv(s) with fewer input channels than G=4 keep their BN: 0 (C_in=3)" in message
     assert "left" not in message.split(":")[0]
     assert isinstance(model[3], FBNConv2d) and isinstance(model[1], nn.BatchNorm2d)
+
+
+def test_grouped_convs_that_fbn_would_apply_to_are_named_depthwise_ones_are_not():
+    """FBNConv2d has no conv groups: a grouped conv of several input channels a group (RegNet's
+    16) keeps its BN with a warning naming it (before: an info-level log only); a depthwise
+    conv (one input channel a group: nothing to split) is no news."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False),
+        nn.BatchNorm2d(16),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),
+        nn.BatchNorm2d(16),
+    )
+    with pytest.warns(UserWarning) as record:
+        convert_norm(copy.deepcopy(model), "fbn", fbn_groups=2)
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert "1 grouped conv(s), which FBNConv2d does not support" in message
+    assert "2 (groups=4)" in message and "4 (" not in message
+    with pytest.raises(UserError, match=r"1 grouped conv\(s\).*strict=True"):
+        convert_norm(model, "fbn", fbn_groups=2, strict=True)
+    assert isinstance(model[0], nn.Conv2d)  # strict: nothing changed

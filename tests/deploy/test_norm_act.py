@@ -6,6 +6,7 @@ silently replaced."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -205,3 +206,141 @@ def test_split_report_and_a_model_that_is_one_layer():
         "norm.running_var",
         "norm.num_batches_tracked",
     ]
+
+
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """timm's SyncBatchNormAct (what timm's convert_sync_batchnorm makes of BatchNormAct2d):
+    a SyncBatchNorm subclass, so none of BatchNorm1d/2d/3d, with its own drop and act."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class BareBN(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm of no torch class lightnets can rebuild it as, with a forward of its own."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def _sync_net(norm: type[nn.Module] = SyncBatchNormAct) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), norm(8), nn.Conv2d(8, 4, 1), nn.Flatten()
+    )
+
+
+def test_sync_batch_norm_act_keeps_its_activation_in_convert_norm_and_folds_in_fuse():
+    """Before: SyncBatchNormAct was no norm-act candidate (not a BatchNorm1d/2d/3d), so
+    convert_norm swapped it for a plain norm (the ReLU gone, the output wrong, no warning) and
+    fuse left it unfolded without a word."""
+    model = _primed(_sync_net())
+    ref = model(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = ln.fuse(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    assert isinstance(fused[1].act, nn.ReLU)
+    with torch.no_grad():
+        _close(fused(X), ref)
+    for kind in ("frozen_bn", "bn", "sync_bn"):
+        converted = ln.convert_norm(copy.deepcopy(model), kind)
+        assert isinstance(converted[1].act, nn.ReLU), kind
+        with torch.no_grad():
+            _close(converted.eval()(X), ref)
+
+
+def test_a_bn_subclass_that_cannot_be_rebuilt_is_named_never_converted():
+    model = _primed(_sync_net(BareBN))
+    ref = model(X)
+    with pytest.warns(UserWarning, match=r"convert_norm\(kind='frozen_bn'\) left 1 .*: 1 \(it "):
+        ln.convert_norm(model, "frozen_bn")
+    assert type(model[1]) is BareBN
+    with pytest.warns(UserWarning, match=r"fuse: left 1 norm layer\(s\) .*: 1 \(it derives"):
+        fused = ln.fuse(model)
+    with torch.no_grad():
+        _close(fused(X), ref)
+
+
+class VisionFrozenBN(nn.Module):
+    """torchvision's FrozenBatchNorm2d: buffers, not parameters, and its own forward."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.eps = 1e-5
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0)):
+            self.register_buffer(name, torch.full((channels,), value))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var + self.eps).rsqrt().reshape(
+            1, -1, 1, 1
+        )
+        shift = self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale
+        return x * scale + shift
+
+
+class FrozenBatchNormAct2d(VisionFrozenBN):
+    """timm's FrozenBatchNormAct2d (from freeze_batch_norm_2d): the frozen map, drop, act."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class OddFrozen(VisionFrozenBN):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def _frozen_net(norm1: type[nn.Module], norm2: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), norm1(8), nn.Conv2d(8, 6, 3, bias=False), norm2(6)
+    ).eval()
+    with torch.no_grad():
+        for m in (model[1], model[3]):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_frozen_batch_norms_written_elsewhere_are_folded_by_fuse():
+    """torchvision's FrozenBatchNorm2d and timm's FrozenBatchNormAct2d are per-channel affine
+    maps: fuse folds them (before: left in place, with no warning), the activation kept."""
+    model = _frozen_net(VisionFrozenBN, FrozenBatchNormAct2d)
+    ref = model(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = ln.fuse(model)
+    assert not any(isinstance(m, (VisionFrozenBN, FrozenBatchNorm)) for m in fused.modules())
+    assert isinstance(fused[3].act, nn.SiLU)
+    assert len(list(fused.parameters())) == 4  # two convs, each with its (folded) bias
+    with torch.no_grad():
+        _close(fused(X), ref)
+    converted = ln.convert_norm(copy.deepcopy(model), "gn", num_groups=2)
+    assert isinstance(converted[1], nn.GroupNorm) and isinstance(converted[3].norm, nn.GroupNorm)
+
+
+def test_a_frozen_looking_layer_that_computes_something_else_is_named():
+    model = _frozen_net(VisionFrozenBN, OddFrozen)
+    ref = model(X)
+    with pytest.warns(UserWarning, match=r"fuse: left 1 norm layer\(s\) .*: 3 \(its forward"):
+        fused = ln.fuse(model)
+    assert type(fused[3]) is OddFrozen and isinstance(fused[1], nn.Identity)
+    with torch.no_grad():
+        _close(fused(X), ref)

@@ -4,6 +4,8 @@ folds what is left; attributes named like a hook that are no hook are left alone
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,9 +116,9 @@ class RepNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def _primed() -> nn.Module:
+def _primed(net: type[nn.Module] | None = None) -> nn.Module:
     torch.manual_seed(0)
-    model = RepNet()
+    model = (net or RepNet)()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             nn.init.uniform_(m.weight, 0.5, 1.5)
@@ -212,3 +214,111 @@ def test_fbn_converted_branches_still_merge_through_the_models_hook():
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert fused.block1.merged is not None and fused.block2.merged is not None
     assert sum(p.numel() for p in fused.parameters()) == fused_params
+
+
+class _IdentityNorm(nn.BatchNorm2d):
+    """timm's identity branch: a BatchNormAct2d with apply_act=False (drop and act are
+    nn.Identity), a BatchNorm2d subclass with a forward of its own."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class TimmRepBlock(Branches):
+    """timm's MobileOne / RepVGG hook: `_fuse_bn_tensor` asserts the identity branch is an
+    nn.BatchNorm2d and reads the conv branches' BN attributes."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.identity = _IdentityNorm(channels)
+
+    def reparameterize(self) -> None:
+        assert isinstance(self.identity, nn.BatchNorm2d)
+        self._merge()
+
+
+class TimmRepNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.block1 = TimmRepBlock(8)
+        self.block2 = TimmRepBlock(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(self.stem(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["frozen_bn", "bn", "brn", "sync_bn"])
+def test_converted_norms_still_merge_through_the_models_hook(kind):
+    """After convert_norm to a kind with fixed eval statistics, the identity branch is a
+    FrozenBatchNorm / BatchRenorm / SyncBatchNorm or a NormAct of one: the hook is shown the
+    BatchNorm2d it asserts, so the branches still merge (before: the hook failed, the fused
+    model kept every branch)."""
+    model = _primed(TimmRepNet)
+    with torch.no_grad():
+        ref = model(X)
+    plain = ln.fuse(model)
+    ln.convert_norm(model, kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = ln.fuse(model)
+    assert fused.block1.merged is not None and fused.block2.merged is not None
+    assert sum(isinstance(m, nn.Conv2d) for m in fused.modules()) == 3
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
+    with torch.no_grad():
+        assert (fused(X) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+class EagerConvNorm(ConvNorm):
+    """A hook that calls torch's fuse_conv_bn_eval on its modules as they are (no .eval()):
+    it refuses modules in training mode ("Fusion only for eval!")."""
+
+    def fuse(self) -> nn.Module:
+        return fuse_conv_bn_eval(self[0], self[1])
+
+
+def test_fbn_convs_shown_to_hooks_are_in_eval_mode_and_the_fused_model_is_all_eval():
+    torch.manual_seed(0)
+    model = nn.Sequential(EagerConvNorm(3, 8), RepBlock(8), nn.Conv2d(8, 4, 1)).eval()
+    ln.convert_norm(model, "fbn", fbn_groups=2)
+    model.train()  # fuse returns an eval copy whatever the model's mode
+    with torch.no_grad():
+        ref = model.eval()(X)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # before: "0.fuse() (AssertionError: Fusion only ...)"
+        fused = ln.fuse(model)
+    assert isinstance(fused[0], nn.Conv2d) and fused[1].merged is not None
+    assert not any(m.training for m in fused.modules())
+    assert model.training  # the model keeps its own mode
+    with torch.no_grad():
+        assert (fused(X) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+class InPlaceFuse(ConvNorm):
+    """ultralytics' RepVGGDW style: `fuse()` merges in place and returns None."""
+
+    def fuse(self) -> None:
+        merged = fuse_conv_bn_eval(self[0].eval(), self[1].eval())
+        self[0] = merged
+        self[1] = nn.Identity()
+
+
+def test_a_fuse_hook_that_works_in_place_and_returns_none_is_kept():
+    torch.manual_seed(0)
+    model = nn.Sequential(InPlaceFuse(3, 8), nn.ReLU()).eval()
+    with torch.no_grad():
+        ref = model(X)
+    assert reparameterize_(model) == ["0.fuse"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # before: "returned NoneType, not an nn.Module"
+        fused = ln.fuse(nn.Sequential(InPlaceFuse(3, 8), nn.ReLU()).eval())
+    assert isinstance(fused[0][1], nn.Identity) and fused[0][0].bias is not None
+    with torch.no_grad():
+        assert (model(X) - ref).abs().max() <= 1e-5 * ref.abs().max()
