@@ -22,6 +22,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,9 @@ def _entries(run_dir: Path) -> list[Path]:
 
 #: Config keys (prefixes) a resumed run may change: how long it runs, how it logs and
 #: evaluates, where it reads data and on which device; nothing that the saved model,
-#: optimizer, schedule or sampler state depends on.
+#: optimizer or sampler state depends on. A new length changes a linear / cosine / poly
+#: schedule (a function of the step and the run's length) from where the run is on: the
+#: resume says so, with the value it jumps from and to (`Trainer._say_stretched`).
 RESUMABLE_PREFIXES = (
     "train.epochs",
     "train.max_steps",
@@ -90,6 +93,10 @@ RESUMABLE_PREFIXES = (
     "data.eval_batch_size",
     "output.",
 )
+
+
+#: schedules whose factor depends on the run's length (the others count steps from 0)
+LENGTH_SCHEDULES = ("linear", "cosine", "poly")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -114,9 +121,28 @@ def _never_checkpointed(run_dir: Path) -> bool:
     return {p.name for p in _entries(run_dir)} <= _BEFORE_CHECKPOINT
 
 
+def _killed_between_checkpoints(run_dir: Path) -> bool:
+    """best.pt but no last.pt: a run killed between the two writes of its first checkpoint
+    (an improving epoch writes best.pt, then last.pt, with nothing changing in between, so
+    best.pt holds exactly the state last.pt would). A resume continues from best.pt."""
+    names = {p.name for p in _entries(run_dir)}
+    return (
+        "best.pt" in names and "last.pt" not in names and names <= _BEFORE_CHECKPOINT | {"best.pt"}
+    )
+
+
 def sync_batch_statistics(model: nn.Module, device: torch.device) -> nn.Module:
     """`train.sync_bn`: batch statistics over all processes, for BN (torch's SyncBatchNorm,
-    CUDA only) and for FBN (its sync_stats all-reduce, any backend). Returns the model."""
+    CUDA only) and for FBN (its sync_stats all-reduce, any backend). Returns the model.
+
+    torch's `convert_sync_batchnorm` turns any BatchNorm subclass into a plain SyncBatchNorm,
+    which drops the activation of timm's BatchNormAct2d and the like: such layers are split
+    first (`lightnets.deploy.normact`: the norm is synced, the activation kept; their state
+    keys gain a ``.norm``), and BN subclasses with a forward of their own that cannot be
+    split are left unsynced, with a warning naming them. lightnets' FrozenBatchNorm and
+    BatchRenorm are left as they are."""
+    from lightnets.deploy.fuse import is_foldable_norm, set_module
+    from lightnets.deploy.normact import name_a_few, split_norm_act
     from lightnets.nn.fbn import FBNConv2d
 
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -129,7 +155,28 @@ def sync_batch_statistics(model: nn.Module, device: torch.device) -> nn.Module:
     for m in model.modules():
         if isinstance(m, FBNConv2d):
             m.sync_stats = True
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if has_bn else model
+    if not has_bn:
+        return model
+    model, report = split_norm_act(model)
+    if report.unsplit:
+        names = list(report.unsplit)
+        warnings.warn(
+            f"train.sync_bn: left {len(names)} norm layer(s) with a forward of their own "
+            f"unsynced: {name_a_few(names)} ({report.unsplit[names[0]]}; a plain SyncBatchNorm "
+            "in their place would drop what their forward adds)",
+            stacklevel=2,
+        )
+    plain = [
+        (name, m)
+        for name, m in model.named_modules()
+        if is_foldable_norm(m) and not isinstance(m, nn.SyncBatchNorm)
+    ]
+    for name, m in plain:
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+        if not name:
+            return synced
+        set_module(model, name, synced)
+    return model
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -214,6 +261,24 @@ class Trainer:
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.is_main = self.rank == 0
         self.lock = RunLock(self.run_dir)  # rank 0, the one writer, holds it while it trains
+        self.resume_from: Path | None = None  # the checkpoint a resumed run continues
+        created = self._missing_dirs()
+        try:
+            self._start(config, resume, overwrite, model, datasets)
+        except BaseException:
+            self._abandon_start(created)
+            raise
+
+    def _start(
+        self,
+        config: Config,
+        resume: bool,
+        overwrite: bool,
+        model: nn.Module | None,
+        datasets: tuple[Dataset, Dataset | None] | None,
+    ) -> None:
+        """The rest of __init__, from locking the run dir on: any error in it releases the
+        lock (`_abandon_start`)."""
         resume = self._prepare_run_dir(resume, overwrite)
         seed_everything(config.train.seed, config.train.deterministic)
 
@@ -283,14 +348,44 @@ class Trainer:
             save_config(config, self.run_dir / "config.toml")
 
     # ----------------------------------------------------------------- set-up helpers
+    def _missing_dirs(self) -> list[Path]:
+        """The run dir and those of its parents that do not exist yet (innermost first): what
+        a start creates, and a failed start removes again."""
+        missing = []
+        for path in (self.run_dir, *self.run_dir.parents):
+            if path.exists():
+                break
+            missing.append(path)
+        return missing
+
+    def _abandon_start(self, created: list[Path]) -> None:
+        """After an error in __init__: release the lock (this process could not start another
+        Trainer on the dir otherwise) and leave nothing new behind (the lock file and the
+        empty directories this start created)."""
+        self.lock.release(remove=True)  # the lock file only if this start created it
+        if not self.is_main:
+            return
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:  # not empty (or gone): what is in it is not this start's alone
+                break
+
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> bool:
         """Lock the run dir, clean what killed writes left, and decide how the run starts:
-        returns whether it resumes (a --resume of a run with no checkpoint starts afresh)."""
+        returns whether it resumes (and sets `resume_from`). --resume of a dir that does not
+        exist is refused (a mistyped --out must not start a new run); of a run with no
+        checkpoint it starts afresh, saying so."""
         run_dir = self.run_dir
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(
                 f"--out {run_dir} is a file: expected a directory for the run (a new path, or "
                 "an existing run dir)"
+            )
+        if resume and not run_dir.exists():
+            raise UserError(
+                f"cannot resume: run dir {run_dir} does not exist: expected the --out of an "
+                "existing run (check its spelling), or no --resume to start a new run there"
             )
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -301,6 +396,10 @@ class Trainer:
         dist_utils.barrier()
         entries = _entries(run_dir)
         if resume and (run_dir / "last.pt").is_file():
+            self.resume_from = run_dir / "last.pt"
+            return True
+        if resume and _killed_between_checkpoints(run_dir):
+            self.resume_from = run_dir / "best.pt"
             return True
         if resume and not _never_checkpointed(run_dir):
             raise UserError(
@@ -317,6 +416,13 @@ class Trainer:
                 )
                 for path in entries:
                     path.unlink()
+        elif resume:  # an empty dir: nothing to resume
+            if self.is_main:
+                print(
+                    f"note: {run_dir} holds no run to resume (no checkpoint); starting a new "
+                    "run there",
+                    file=sys.stderr,
+                )
         elif entries:
             if not overwrite:
                 raise UserError(
@@ -519,8 +625,10 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        ckpt = load_checkpoint(self.run_dir / "last.pt")
-        self._check_resumed_config(ckpt)
+        path = self.resume_from or self.run_dir / "last.pt"
+        ckpt = load_checkpoint(path)
+        changed = self._check_resumed_config(ckpt)
+        self._check_resumable_length(ckpt)
         if ckpt.get("model_name") != self.config.model.name:
             raise UserError(
                 f"checkpoint {ckpt['path']} holds model {ckpt.get('model_name')!r}, but the "
@@ -569,14 +677,79 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         if self.logger is not None:
             self.logger.truncate(after_epoch=self.epoch + 1)
+        if not self.is_main:
+            return
+        if path.name != "last.pt":
+            print(
+                f"note: {self.run_dir} has {path.name} but no last.pt (killed between writing "
+                f"the two, which then hold the same state); resuming from {path.name} at epoch "
+                f"{self.epoch}, step {self.step}",
+                file=sys.stderr,
+            )
+        if changed:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            print(f"note: resuming with {shown}; config.toml updated", file=sys.stderr)
+            save_config(self.config, self.run_dir / "config.toml")
+            self._say_stretched(ckpt)
 
-    def _check_resumed_config(self, ckpt: dict[str, Any]) -> None:
+    def _check_resumable_length(self, ckpt: dict[str, Any]) -> None:
+        """A run that stopped at train.max_steps in the middle of an epoch closed that epoch
+        there (its metrics row, its epoch schedule step and callbacks are done; the checkpoint
+        says epoch done, no batch into the next), so it cannot go on from its step: resuming
+        it for longer is one UserError, before anything is loaded, cut or rewritten."""
+        spe = self.steps_per_epoch
+        epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+        into = step - (epoch - 1) * spe  # steps it did of its last epoch
+        if ckpt["batch_in_epoch"] or not 0 < into < spe or ckpt.get("stop_reason"):
+            return
+        if not (self.max_steps > step if self.max_steps else self.epochs > epoch):
+            return  # nothing more to train: it stays finished
+        raise UserError(
+            f"cannot resume {ckpt['path']} for longer: it stopped at train.max_steps={step}, "
+            f"{into} of the {spe} steps of epoch {epoch}, and closed that epoch there (its "
+            "metrics row, schedule step and callbacks are done), so it cannot go on from that "
+            f"step: expected train.max_steps <= {step} for this run, or a new --out for a "
+            f"longer one (a run whose max_steps is a multiple of the {spe} steps of an epoch "
+            "can be lengthened)"
+        )
+
+    def _say_stretched(self, ckpt: dict[str, Any]) -> None:
+        """A new length changes a linear / cosine / poly schedule from where the run is (its
+        factor is a function of the step and the run's length): say so, with the jump."""
+        saved = (ckpt.get("config") or {}).get("train") or {}
+        spe = self.steps_per_epoch
+        old_max, old_epochs = saved.get("max_steps"), saved.get("epochs")
+        if not old_max and not old_epochs:
+            return
+        old = {
+            "epoch": math.ceil(old_max / spe) if old_max else old_epochs,
+            "step": old_max or old_epochs * spe,
+        }
+        new = {"epoch": self.epochs, "step": self.total_steps}
+        parts = {"schedule": self.scheduler, "binary_schedule": self.binary_scheduler}
+        for section, sched in parts.items():
+            cfg = getattr(self.config, section)
+            state = "scheduler" if section == "schedule" else "binary_scheduler"
+            if sched is None or cfg.name not in LENGTH_SCHEDULES or old[cfg.unit] == new[cfg.unit]:
+                continue
+            key = sched.keys[0]
+            group = next(g for g in sched.optimizer.param_groups if key in g)
+            before = group[f"initial_{key}"] * float((ckpt.get(state) or {}).get("last_factor", 1))
+            print(
+                f"note: the {section} ({cfg.name}) now runs over {new[cfg.unit]} {cfg.unit}s "
+                f"instead of {old[cfg.unit]}: it follows the new length from {cfg.unit} "
+                f"{sched.t} on, so {key} goes from {before:.4g} to {group[key]:.4g} there",
+                file=sys.stderr,
+            )
+
+    def _check_resumed_config(self, ckpt: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """Before anything is loaded or truncated: the checkpoint's config against this one.
-        Keys a run can change mid-way (its length, logging, workers, device) are taken and
-        config.toml is updated, saying which; any other difference is one UserError."""
+        Keys a run can change mid-way (its length, logging, workers, device) are returned
+        (`_resume` takes them, updates config.toml and says so); any other difference is one
+        UserError."""
         saved = ckpt.get("config")
         if not isinstance(saved, dict):
-            return  # a checkpoint of an older version: the checks below still apply
+            return {}  # a checkpoint of an older version: the checks below still apply
         try:
             old = _flatten(load_config(saved).to_dict())
         except UserError:
@@ -593,10 +766,7 @@ class Trainer:
                 "optimizer and schedule states would not fit); expected the config the run was "
                 f"started with, or a new --out (changeable: {', '.join(RESUMABLE_PREFIXES)})"
             )
-        if changed and self.is_main:
-            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            print(f"note: resuming with {shown}; config.toml updated", file=sys.stderr)
-            save_config(self.config, self.run_dir / "config.toml")
+        return changed
 
     # ----------------------------------------------------------------- the loop
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -618,24 +788,24 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or until a callback stops), return the last epoch's metrics row."""
-        for cb in self.callbacks:
-            cb.on_train_start(self)
-        try:
-            while self.epoch < self.epochs and not self.should_stop and not self._done_steps():
-                self._train_epoch()
-            shown = self.is_main and self.config.train.progress
-            if self.should_stop and self.stop_reason and shown:
-                print(f"stopped after epoch {self.epoch}: {self.stop_reason}", flush=True)
-        finally:
+        try:  # the run dir stays locked until the last callback has run
+            for cb in self.callbacks:
+                cb.on_train_start(self)
             try:
+                while self.epoch < self.epochs and not self.should_stop and not self._done_steps():
+                    self._train_epoch()
+                shown = self.is_main and self.config.train.progress
+                if self.should_stop and self.stop_reason and shown:
+                    print(f"stopped after epoch {self.epoch}: {self.stop_reason}", flush=True)
+            finally:
                 if self.is_main and self.config.output.plot and self.logger is not None:
                     from lightnets.engine.logging import plot_curves
 
                     plot_curves(self.run_dir)
-            finally:
-                self.lock.release()
-        for cb in self.callbacks:
-            cb.on_train_end(self)
+            for cb in self.callbacks:
+                cb.on_train_end(self)
+        finally:
+            self.lock.release()
         return self.last_row
 
     def _done_steps(self) -> bool:

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from lightnets.cli import main
 from lightnets.engine.checkpoint import load_checkpoint
 from tests.conftest import REPO, TINY, run_cli
@@ -92,8 +94,8 @@ def test_stale_temporary_files_are_removed_on_the_next_start(tmp_path):
         == 0
     )  # noqa: E501
     (run / ".metrics.jsonl.deadbeef.tmp").write_text("half")
-    done = run_cli(
-        "train", "mnist_cnn", *_sets([*QUICK, "train.max_steps=6"]), "--out", str(run), "--resume"
+    done = run_cli(  # a finished run: the resume only cleans up (a longer one is refused)
+        "train", "mnist_cnn", *_sets([*QUICK, "train.max_steps=3"]), "--out", str(run), "--resume"
     )
     assert done.returncode == 0, done.stderr
     assert not list(run.glob(".*.tmp"))
@@ -195,3 +197,57 @@ def test_a_resume_may_change_its_length_and_says_so(tmp_path):
     assert [r["epoch"] for r in _rows(run)] == [1, 2]
     bad = run_cli("train", "mnist_cnn", *_sets(["optim.lr=0.5"]), "--out", str(run), "--resume")
     assert bad.returncode == 2 and "optim.lr: 0.1 -> 0.5" in bad.stderr  # not a length
+
+
+def test_a_resume_of_a_mistyped_out_is_one_line(tmp_path, capsys):
+    """`lightnets train mnist_cnn --resume --out typo` started a new run in `typo`."""
+    typo = tmp_path / "runs" / "typo"
+    code = main(["train", "mnist_cnn", *_sets(QUICK), "--resume", "--out", str(typo)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert f"cannot resume: run dir {typo} does not exist" in err[0]
+    assert not typo.exists()
+
+
+def test_a_run_stopped_mid_epoch_by_max_steps_is_not_lengthened(tmp_path):
+    """A run stopped at max_steps=2 of an epoch's 15 closed epoch 1 there: a resume with
+    max_steps=4 trained nothing (and max_steps=20 stopped at 17) while config.toml claimed the
+    new length. It is refused before anything is written; the same length still resumes."""
+    from lightnets.engine import Trainer, load_config
+    from lightnets.errors import UserError
+
+    run = tmp_path / "run"
+    Trainer(load_config("mnist_cnn", [*QUICK, "train.max_steps=2"]), run).fit()
+    before = {name: (run / name).read_bytes() for name in ("config.toml", "metrics.jsonl")}
+    for steps in (4, 20):
+        longer = load_config(run / "config.toml", [f"train.max_steps={steps}"])
+        with pytest.raises(UserError) as err:
+            Trainer(longer, run, resume=True)
+        message = str(err.value)
+        assert (
+            "for longer: it stopped at train.max_steps=2, 2 of the 15 steps of epoch 1" in message
+        )
+        assert "expected train.max_steps <= 2 for this run, or a new --out" in message
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert load_checkpoint(run / "last.pt")["step"] == 2
+    Trainer(load_config(run / "config.toml"), run, resume=True).fit()  # finished: nothing to do
+
+
+def test_a_new_length_changes_a_cosine_schedule_and_the_resume_says_so(tmp_path, capsys):
+    """A per-step cosine over 15 steps, resumed for 30: from step 15 on it follows the new
+    length, so the lr jumps from 0 (the end of the old cosine) to half the base lr."""
+    from lightnets.engine import Trainer, load_config
+
+    run = tmp_path / "run"
+    cosine = ["schedule.name=cosine", "schedule.unit=step", "train.epochs=1"]
+    Trainer(load_config("mnist_cnn", [*QUICK, *cosine]), run).fit()
+    capsys.readouterr()
+    trainer = Trainer(load_config(run / "config.toml", ["train.epochs=2"]), run, resume=True)
+    err = capsys.readouterr().err
+    group = trainer.optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(group["initial_lr"] / 2)
+    assert (
+        "note: the schedule (cosine) now runs over 30 steps instead of 15: it follows the new "
+        f"length from step 15 on, so lr goes from 0 to {group['lr']:.4g} there"
+    ) in err
+    assert "train.epochs: 1 -> 2; config.toml updated" in err

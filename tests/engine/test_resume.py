@@ -82,11 +82,14 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing of the trainer runs after it (not an Exception)."""
 
 
+@pytest.mark.parametrize("epoch", [1, 2])
 @pytest.mark.parametrize("after", ["best", "last"])
-def test_a_kill_at_an_improving_epoch_loses_no_best(tmp_path, monkeypatch, after):
+def test_a_kill_at_an_improving_epoch_loses_no_best(tmp_path, monkeypatch, capsys, after, epoch):
     """An epoch that improves writes best.pt and last.pt (which records the new best). Killed
     right after either write and resumed, the run ends with best.pt holding the best epoch of
-    its metrics, with the weights an uninterrupted run has there."""
+    its metrics, with the weights an uninterrupted run has there. Killed after best.pt in the
+    first epoch, the run dir has no last.pt yet: the resume continues from best.pt, which holds
+    exactly the state last.pt would (nothing changes between the two writes)."""
     from lightnets.engine import Trainer, load_config
     from lightnets.engine.logging import read_rows
 
@@ -99,7 +102,7 @@ def test_a_kill_at_an_improving_epoch_loses_no_best(tmp_path, monkeypatch, after
 
     def save(self, name="last"):
         path = real_save(self, name)
-        improving = self.epoch >= 2 and self.best != bests[-1]
+        improving = self.epoch >= epoch and self.best != bests[-1]
         if name == after and improving and not killed and self.batch_in_epoch == 0:
             killed.append(self.epoch)
             raise _Killed
@@ -112,12 +115,21 @@ def test_a_kill_at_an_improving_epoch_loses_no_best(tmp_path, monkeypatch, after
         Trainer(config, tmp_path / "run").fit()
     except _Killed:
         pass
-    assert killed  # an epoch after the first improved, and the run died in its writes
+    assert killed  # an epoch (from `epoch` on) improved, and the run died in its writes
+    assert (tmp_path / "run" / "last.pt").is_file() == (after == "last" or epoch > 1)
     monkeypatch.setattr(Trainer, "save", real_save)
+    capsys.readouterr()
     Trainer(config, tmp_path / "run", resume=True).fit()
+    from_best = "has best.pt but no last.pt" in capsys.readouterr().err
+    assert from_best == (after == "best" and epoch == 1)
     rows = read_rows(tmp_path / "run")
     best_epoch = max(rows, key=lambda r: r["val_acc1"])["epoch"]
     best, whole = (load_checkpoint(d / "best.pt") for d in (tmp_path / "run", tmp_path / "whole"))
     assert best["epoch"] == best_epoch == whole["epoch"]
     for key, value in whole["model"].items():
         assert torch.equal(best["model"][key], value), key
+    last, whole_last = (
+        load_checkpoint(d / "last.pt") for d in (tmp_path / "run", tmp_path / "whole")
+    )
+    for key, value in whole_last["model"].items():  # and the run ends where the whole one does
+        assert torch.equal(last["model"][key], value), key

@@ -185,3 +185,93 @@ def test_channels_last_model_and_batches(tmp_path):
     assert out.is_contiguous(memory_format=torch.channels_last) and out.shape[1] == 1
     row = trainer.fit()
     assert trainer.step == 2 and math.isfinite(row["train_loss"])
+
+
+def test_a_failed_start_releases_the_lock_and_leaves_nothing_new(tmp_path):
+    """An error in __init__ after the run dir is locked (here: a warmup longer than the run)
+    released nothing before: a second Trainer of this process on that dir was refused, naming
+    this very process, and a new dir kept its .lock."""
+    run = tmp_path / "new" / "run"
+    bad = load_config("mnist_cnn", [*TINY, "train.max_steps=2", "schedule.warmup=5"])
+    good = load_config("mnist_cnn", [*TINY, "train.max_steps=2", "schedule.warmup=0"])
+    with pytest.raises(UserError, match="warmup=5 must be shorter than the run"):
+        Trainer(bad, run)
+    assert not (tmp_path / "new").exists()  # nothing new: no dir, no .lock
+    Trainer(good, run).fit()  # the same process starts on it at once
+    longer = load_config("mnist_cnn", [*TINY, "train.max_steps=4", "schedule.warmup=5"])
+    with pytest.raises(UserError, match="warmup=5 must be shorter than the run"):
+        Trainer(longer, run, resume=True)
+    assert (run / "last.pt").is_file()  # an existing run dir keeps what it holds
+    Trainer(good, run, resume=True).fit()
+
+
+def test_resume_of_a_dir_that_does_not_exist_is_refused(tmp_path, capsys):
+    """A mistyped --out with --resume started a new run without a word."""
+    config = load_config("mnist_cnn", [*TINY, "train.max_steps=2", "schedule.warmup=0"])
+    with pytest.raises(UserError, match=r"cannot resume: run dir .*typo does not exist"):
+        Trainer(config, tmp_path / "typo", resume=True)
+    assert not (tmp_path / "typo").exists()
+    (tmp_path / "empty").mkdir()  # exists, never checkpointed: starts afresh, saying so
+    Trainer(config, tmp_path / "empty", resume=True).fit()
+    assert "holds no run to resume (no checkpoint); starting a new run" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "empty" / "last.pt")["step"] == 2
+
+
+class _NormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d layout: a BatchNorm2d subclass with its own activation."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class _OwnForward(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_sync_bn_keeps_the_activation_of_norm_act_layers():
+    """torch's convert_sync_batchnorm made a plain SyncBatchNorm of timm's BatchNormAct2d,
+    dropping its activation; now the norm is synced and the activation kept, and a BN
+    subclass that cannot be split is left as it was, named in a warning."""
+    from lightnets.deploy.normact import NormAct
+    from lightnets.engine.trainer import sync_batch_statistics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _NormAct(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        model.train()(x)
+        ref = model.eval()(x)
+    synced = sync_batch_statistics(model, torch.device("cuda"))  # the conversion needs no GPU
+    assert isinstance(synced[1], NormAct) and isinstance(synced[1].norm, nn.SyncBatchNorm)
+    assert isinstance(synced[1].act, nn.ReLU) and isinstance(synced[3], nn.SyncBatchNorm)
+    with torch.no_grad():
+        torch.testing.assert_close(synced.eval()(x), ref)
+    odd = nn.Sequential(nn.Conv2d(3, 4, 3), _OwnForward(4))
+    with pytest.warns(UserWarning, match=r"train.sync_bn: left 1 norm layer\(s\) .*: 1 \(its"):
+        synced = sync_batch_statistics(odd, torch.device("cuda"))
+    assert type(synced[1]) is _OwnForward
+
+
+def test_the_run_dir_stays_locked_until_the_last_callback_has_run(tmp_path):
+    """on_train_end callbacks may still write into the run dir: the lock was released before
+    them."""
+    from lightnets.engine.runlock import RunLock
+
+    class Probe(Callback):
+        ran = False
+
+        def on_train_end(self, trainer):
+            with pytest.raises(UserError, match="this very process"):
+                RunLock(trainer.run_dir).acquire()
+            Probe.ran = True
+
+    config = load_config("mnist_cnn", [*TINY, "train.max_steps=1", "schedule.warmup=0"])
+    trainer = Trainer(config, tmp_path / "run", callbacks=[Probe()])
+    trainer.fit()
+    assert Probe.ran and not trainer.lock.held
+    RunLock(tmp_path / "run").acquire().release()  # free once fit returned
