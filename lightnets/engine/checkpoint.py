@@ -7,62 +7,29 @@ torch.load(weights_only=True): a checkpoint can hold tensors and plain container
 
 from __future__ import annotations
 
-import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lightnets.engine.files import atomic_path, storage_errors
 from lightnets.errors import UserError
+from lightnets.files import atomic_torch_save, load_model_state, read_weights_only
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "atomic_torch_save",
+    "load_checkpoint",
+    "load_model_state",
+    "read_weights_only",
+    "rng_state",
+    "set_rng_state",
+]
 
 FORMAT = "lightnets-checkpoint"
 VERSION = 1
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to `path` atomically; a failed write (a full disk) is one StorageError and
-    leaves the previous file as it was."""
-    with storage_errors(path), atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def read_weights_only(path: Path, what: str) -> Any:
-    """torch.load(path, weights_only=True) on the CPU; any failure is one UserError naming
-    `what` and the file (a corrupt, truncated or pickled-object file never runs code)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        zipfile.BadZipFile,
-        ValueError,
-        OSError,
-        AttributeError,
-        KeyError,
-    ) as err:
-        raise UserError(
-            f"cannot read {what} {path}: corrupt, truncated or not a weights-only torch file "
-            f"({_load_failure_reason(err)[:200]})"
-        ) from None
-
-
-def _load_failure_reason(err: BaseException) -> str:
-    """The reason in torch.load's message, without its advice to retry with
-    weights_only=False (that would run whatever code the file holds: never do it here)."""
-    text = str(err).strip()
-    if not text.startswith("Weights only load failed"):
-        return text.splitlines()[0] if text else type(err).__name__
-    advice = ("weights_only", "Weights only load failed", "Check the documentation", "(2)")
-    lines = [line.strip() for line in text.splitlines()]
-    reasons = [line for line in lines if line and not any(a in line for a in advice)]
-    reason = " ".join(reasons).replace("WeightsUnpickler error:", "").strip()
-    reason = reason.split(". Please use", 1)[0]  # the allow-list advice
-    return "weights-only unpickler: " + (reason or "refused the file")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -82,36 +49,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     ckpt["path"] = str(path)
     return ckpt
-
-
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a state dict strictly, naming missing, unexpected and mis-shaped keys on failure."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_few(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatch (checkpoint vs model) {_few(shapes)}")
-        raise UserError(
-            f"checkpoint {source} does not fit the model {type(model).__name__}: "
-            + "; ".join(parts)
-        )
-    model.load_state_dict(state)
-
-
-def _few(items: list[str], n: int = 4) -> str:
-    more = f" and {len(items) - n} more" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
 
 
 def rng_state() -> dict[str, Any]:
