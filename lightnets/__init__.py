@@ -9,8 +9,7 @@ from lightnets.analysis import profile
 from lightnets.deploy import convert_norm, fuse, load_packed, pack_binary, save_packed
 from lightnets.errors import UserError
 from lightnets.models.registry import create_model, list_models, register_model
-
-__version__ = "0.1.0"
+from lightnets.version import __version__
 
 
 def export(model: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
@@ -25,6 +24,7 @@ def export(model: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
 
 __all__ = [
     "UserError",
+    "__version__",
     "analysis",
     "convert_norm",
     "create_model",

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightnets.engine.files import atomic_path, fsync_file
 from lightnets.errors import UserError
+from lightnets.files import atomic_path, fsync_file
 
 __all__ = ["FORMATS", "SUFFIXES", "ExportCheckError", "ExportResult", "export", "format_for_path"]
 
@@ -420,7 +420,7 @@ def _random_input(size: tuple[int, ...], seed: int) -> torch.Tensor:
 def _count_params(model: nn.Module) -> int:
     """Parameters, counting each binary weight a packed layer holds as a bit (and its
     per-channel bias / scale / shift buffers) as one."""
-    from lightnets.deploy.pack import is_packed_layer
+    from lightnets.nn.packed import is_packed_layer
 
     count = sum(p.numel() for p in model.parameters())
     for m in model.modules():
@@ -528,13 +528,13 @@ def _onnx_legacy(
 
 
 def _packed_weight_count(model: nn.Module) -> int:
-    from lightnets.deploy.pack import packed_weight_count
+    from lightnets.nn.packed import packed_weight_count
 
     return packed_weight_count(model)
 
 
 def _has_packed(model: nn.Module) -> bool:
-    from lightnets.deploy.pack import is_packed_layer
+    from lightnets.nn.packed import is_packed_layer
 
     return any(is_packed_layer(m) for m in model.modules())
 

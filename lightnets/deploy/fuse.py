@@ -448,8 +448,8 @@ def _copy_of(model: nn.Module) -> nn.Module:
 
 def _norms_after_binary(model: nn.Module) -> set[str]:
     """Names of the BatchNorms fed by a binary or packed layer, directly or through a max-pool."""
-    from lightnets.deploy.pack import is_packed_layer
     from lightnets.nn.binary import is_binary_layer
+    from lightnets.nn.packed import is_packed_layer
 
     def is_binary(m: nn.Module) -> bool:
         return is_binary_layer(m) or is_packed_layer(m)

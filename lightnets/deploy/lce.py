@@ -64,7 +64,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightnets.deploy.pack import is_packed_layer
 from lightnets.errors import UserError
 from lightnets.nn.binary import (
     QUANTIZERS,
@@ -74,6 +73,7 @@ from lightnets.nn.binary import (
     is_binary_layer,
     magnitude_aware_sign,
 )
+from lightnets.nn.packed import is_packed_layer
 
 __all__ = [
     "LCE_INSTALL",

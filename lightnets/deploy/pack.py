@@ -1,4 +1,4 @@
-"""1-bit packing of binary weights and packed inference.
+"""1-bit packing of a model's binary weights, BatchNorm folded into them, and packed files.
 
 `pack_binary(model)` returns an eval-mode copy of `model` in which every `BinaryConv2d` /
 `BinaryLinear` (lightnets.nn.binary, either mode) is its packed twin, `PackedBinaryConv2d` /
@@ -6,24 +6,7 @@
 buffer ``weight_bits``. Real layers are left as they are (`lightnets.fuse` on the packed model
 folds their BatchNorms; it leaves packed layers alone).
 
-Bit order. The weight (out, in, kh, kw) (Linear: (out, in)) is packed along the input-channel
-axis: ``weight_bits`` has shape (out, kh, kw, ceil(in / 8)) (Linear: (out, ceil(in / 8))) and
-bit i of byte j (i = 0 the least significant bit) holds input channel 8 j + i of that (out, kh,
-kw): 1 for +1, 0 for -1. Padding bits past the last channel are 0 and never read. The weight a
-layer packs is the one its forward pass uses: in bop mode the stored +1/-1 weight (checked);
-in latent mode kernel_quantizer(latent weight) in eval, which for the sign quantizers
-(ste_sign, approx_sign, stochastic_sign, swish_sign; in eval all are sign with sign(0) = +1)
-is sign(weight). The magnitude-aware sign (Bi-Real) is mean(|w|) * sign(w) per output
-channel: its signs are packed and the means become the packed layer's per-channel scale (times
-a folded BN's). Any other kernel quantizer, None included (real weights), is refused.
-
-Forward. The bits are unpacked to +1/-1 in the input's dtype (a gather from a 256 x 8 table)
-and the same F.conv2d / F.linear runs on input_quantizer(x) (a built-in quantizer is its eval
-forward, sign(x); None passes x through). The unpacked weight is cached per device, dtype and
-buffer version (``cache_weights=True``, the default: unpacking binarynet_cifar's 14.0M weights
-takes tens of milliseconds, several times its batch-1 forward; the cache holds as much memory
-as the float weights, ``cache_weights=False`` unpacks on every call instead). Packed layers
-are for inference: they hold no parameters, only buffers, and never train.
+The packed layers, their bit order and their forward pass: lightnets.nn.packed.
 
 BatchNorm folding ("BN folded where it can be"). A BN after a binary layer cannot be folded
 into the weights (they would stop being +1/-1), but in eval it is a per-channel affine map,
@@ -78,28 +61,35 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightnets.deploy.fuse import find_pairs, is_eval_affine_norm, set_module
 from lightnets.errors import UserError
+from lightnets.files import atomic_torch_save, load_model_state, read_weights_only
+from lightnets.models.registry import create_model, model_spec
 from lightnets.nn.binary import (
     QUANTIZERS,
-    SIGN_QUANTIZERS,
     BinaryConv2d,
     BinaryLinear,
-    _sign,
-    _takes_training,
-    get_quantizer,
     is_binary_layer,
     magnitude_aware_sign,
     sign_scale,
 )
+from lightnets.nn.packed import (
+    PACKED_TYPES,
+    PackedBinaryConv2d,
+    PackedBinaryLinear,
+    is_packed_layer,
+    iter_packed,
+    pack_signs,
+    packed_weight_count,
+    unpack_signs,
+)
+from lightnets.version import __version__
 
 __all__ = [
     "FORMAT",
@@ -117,78 +107,6 @@ __all__ = [
 
 FORMAT = "lightnets-packed"
 VERSION = 1
-
-#: The functions of the quantizers whose eval forward is the plain sign.
-_SIGN_QUANTIZERS = frozenset(QUANTIZERS[name] for name in SIGN_QUANTIZERS)
-
-
-# ----------------------------------------------------------------------------- bits
-
-
-def pack_signs(weight: Tensor) -> Tensor:
-    """uint8 sign bits of `weight` (out, in, *k), packed along the input-channel axis.
-
-    Returns (out, *k, ceil(in / 8)); bit i of byte j is channel 8 j + i: 1 where weight >= 0
-    (or NaN; the +1 of `lightnets.nn.binary`'s sign), 0 where weight < 0; padding bits are 0.
-    """
-    if weight.dim() < 2:
-        raise ValueError(f"pack_signs needs a weight of shape (out, in, ...), got {weight.shape}")
-    cin = weight.shape[1]
-    nbytes = (cin + 7) // 8
-    bits = (~(weight.detach() < 0)).to(torch.uint8).movedim(1, -1)
-    bits = F.pad(bits, (0, 8 * nbytes - cin)).reshape(*bits.shape[:-1], nbytes, 8)
-    shifts = torch.arange(8, device=weight.device, dtype=torch.uint8)
-    return torch.bitwise_left_shift(bits, shifts).sum(-1, dtype=torch.uint8)
-
-
-def _sign_table(device: torch.device, dtype: torch.dtype) -> Tensor:
-    """(256, 8): row v is the +1/-1 of bits 0..7 of v (exact float arithmetic, exportable)."""
-    v = torch.arange(256, device=device, dtype=torch.float32).unsqueeze(1)
-    q = torch.floor(v / torch.pow(2.0, torch.arange(8, device=device, dtype=torch.float32)))
-    bit = q - 2 * torch.floor(q * 0.5)
-    return (bit * 2 - 1).to(dtype)
-
-
-def unpack_signs(bits: Tensor, in_channels: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The +1/-1 weight (out, in_channels, *k), contiguous, that `pack_signs` packed into `bits`."""
-    if bits.dtype != torch.uint8:
-        raise ValueError(f"unpack_signs needs uint8 bits, got {bits.dtype}")
-    if bits.shape[-1] != (in_channels + 7) // 8:
-        raise ValueError(
-            f"bits of shape {tuple(bits.shape)} cannot hold {in_channels} input channels"
-        )
-    table = _sign_table(bits.device, dtype)
-    signs = F.embedding(bits.long(), table)  # (out, *k, nbytes, 8)
-    signs = signs.flatten(-2)[..., :in_channels]
-    if signs.dim() > 2:  # (out, *k, in) -> (out, in, *k); explicit dims for ONNX's Transpose
-        last = signs.dim() - 1
-        signs = signs.permute(0, last, *range(1, last))
-    return signs.contiguous()
-
-
-def _is_tracing() -> bool:
-    return bool(
-        torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or torch.onnx.is_in_onnx_export()
-        or torch.jit.is_scripting()
-    )
-
-
-# ----------------------------------------------------------------------------- layers
-
-
-def _quantizer_name(spec: Any) -> str | None:
-    """The built-in name of a quantizer spec, None for None; a custom callable raises."""
-    if spec is None or isinstance(spec, str):
-        return spec
-    for name, fn in QUANTIZERS.items():
-        if spec is fn:
-            return name
-    raise UserError(
-        f"input quantizer {getattr(spec, '__name__', spec)!r} is a custom function: a packed "
-        f"file can only name built-in quantizers ({', '.join(QUANTIZERS)}) or None"
-    )
 
 
 def _check_kernel_quantizer(name: str, layer: nn.Module) -> None:
@@ -210,367 +128,6 @@ def _check_kernel_quantizer(name: str, layer: nn.Module) -> None:
         f"cannot pack {name or type(layer).__name__}: its kernel_quantizer is {what}, not a "
         f"sign; expected one of {', '.join(QUANTIZERS)} (packed weights are +1/-1 bits)"
     )
-
-
-class _PackedBinary(nn.Module):
-    """What PackedBinaryConv2d and PackedBinaryLinear share: bits, optional bias/scale/shift."""
-
-    weight_bits: Tensor
-    bias: Tensor | None
-    scale: Tensor | None
-    shift: Tensor | None
-
-    def _setup(
-        self,
-        weight_shape: tuple[int, ...],
-        bias: bool,
-        affine: bool,
-        input_quantizer: Any,
-        cache_weights: bool,
-        device: Any,
-        dtype: torch.dtype | None,
-    ) -> None:
-        out, cin, *kernel = weight_shape
-        self.in_features_per_group = cin
-        self.weight_shape = tuple(weight_shape)
-        dtype = dtype or torch.get_default_dtype()
-        nbytes = (cin + 7) // 8
-        bits = torch.zeros((out, *kernel, nbytes), dtype=torch.uint8, device=device)
-        self.register_buffer("weight_bits", bits)
-        vec = {"device": device, "dtype": dtype}
-        self.register_buffer("bias", torch.zeros(out, **vec) if bias else None)
-        self.register_buffer("scale", torch.ones(out, **vec) if affine else None)
-        self.register_buffer("shift", torch.zeros(out, **vec) if affine else None)
-        self.input_quantizer = input_quantizer
-        self.cache_weights = bool(cache_weights)
-        self._cache: tuple[tuple, Tensor] | None = None
-
-    # input quantizer: built-ins are their eval forward (sign); a custom callable is called
-    @property
-    def input_quantizer(self) -> Any:
-        """A quantizer name, a callable, or None (real input), as the binary layer had it."""
-        return self._input_spec
-
-    @input_quantizer.setter
-    def input_quantizer(self, spec: Any) -> None:
-        fn = get_quantizer(spec)
-        self._input_spec = spec
-        self._input_builtin = spec is None or spec in SIGN_QUANTIZERS or spec in _SIGN_QUANTIZERS
-        self._input_fn = fn
-        self._input_training = _takes_training(fn)
-
-    @property
-    def affine(self) -> bool:
-        """Whether a folded BatchNorm's per-channel scale and shift follow the binary matmul."""
-        return self.scale is not None
-
-    def num_weights(self) -> int:
-        """The number of binary weights the bits stand for."""
-        n = 1
-        for s in self.weight_shape:
-            n *= s
-        return n
-
-    def _quantize_input(self, x: Tensor) -> Tensor:
-        if self._input_spec is None:
-            return x
-        if self._input_builtin:
-            return _sign(x)
-        if self._input_training:
-            return self._input_fn(x, training=False)
-        return self._input_fn(x)
-
-    def unpacked_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The +1/-1 weight, shaped as the binary layer's, in `dtype` (never cached)."""
-        return unpack_signs(self.weight_bits, self.in_features_per_group, dtype)
-
-    def _weight(self, dtype: torch.dtype) -> Tensor:
-        if not self.cache_weights or _is_tracing():
-            return self.unpacked_weight(dtype)
-        bits = self.weight_bits
-        key = (bits.device, dtype, bits.data_ptr(), bits._version)
-        if self._cache is None or self._cache[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self.unpacked_weight(dtype))
-        return self._cache[1]
-
-    def _affine(self, y: Tensor, channel_dim: int) -> Tensor:
-        if self.scale is None:
-            return y
-        shape = [1] * y.dim()
-        shape[channel_dim] = -1
-        scale = self.scale.to(y.dtype).reshape(shape)
-        shift = self.shift.to(y.dtype).reshape(shape)
-        return torch.addcmul(shift, y, scale)
-
-    def clear_cache(self) -> None:
-        """Drop the cached unpacked weight (it is rebuilt on the next forward)."""
-        self._cache = None
-
-    def __getstate__(self) -> dict[str, Any]:  # deepcopy / pickle: no cached float weights
-        state = self.__dict__.copy()
-        state["_cache"] = None
-        return state
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        bits = state_dict.get(prefix + "weight_bits")
-        if isinstance(bits, Tensor) and bits.dtype != torch.uint8:
-            raise UserError(
-                f"{prefix}weight_bits in the state_dict is {bits.dtype}: expected uint8 sign "
-                "bits written by lightnets.pack_binary"
-            )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._cache = None
-
-    def _packed_repr(self) -> str:
-        s = f", input_quantizer={_spec_text(self._input_spec)}"
-        s += f", bits={tuple(self.weight_bits.shape)}"
-        if self.affine:
-            s += ", affine=True"
-        return s
-
-    @classmethod
-    @torch.no_grad()
-    def from_binary(
-        cls,
-        layer: nn.Module,
-        scale: Tensor | None = None,
-        shift: Tensor | None = None,
-        *,
-        cache_weights: bool = True,
-    ) -> _PackedBinary:
-        """The packed twin of `layer` (its eval forward), with a folded BN's scale / shift."""
-        config = cls._config_of(layer, affine=scale is not None)
-        packed = cls(**config, cache_weights=cache_weights)
-        _fill(packed, layer, scale, shift)
-        return packed
-
-    def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments, JSON-serializable (see save_packed); each packed
-        layer class (PackedBinaryConv2d, PackedBinaryLinear) says its own."""
-        raise NotImplementedError(f"{type(self).__name__} must define config()")
-
-
-def _spec_text(spec: Any) -> str:
-    if spec is None or isinstance(spec, str):
-        return repr(spec)
-    return getattr(spec, "__name__", None) or repr(spec)
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        return (int(v[0]), int(v[1]))
-    return (int(v), int(v))
-
-
-def _reversed_padding(
-    padding: Any, kernel_size: tuple[int, int], dilation: tuple[int, int]
-) -> list[int]:
-    """torch's _ConvNd._reversed_padding_repeated_twice (for padding modes other than zeros)."""
-    if isinstance(padding, str):
-        out = [0, 0] * len(kernel_size)
-        if padding == "same":
-            for d, k, i in zip(dilation, kernel_size, range(len(kernel_size) - 1, -1, -1)):
-                total = d * (k - 1)
-                left = total // 2
-                out[2 * i], out[2 * i + 1] = left, total - left
-        return out
-    return [p for p in reversed(padding) for _ in range(2)]
-
-
-class PackedBinaryConv2d(_PackedBinary):
-    """A BinaryConv2d with its +1/-1 weight stored as bits; see the module docstring.
-
-    y = conv2d(input_quantizer(x), W) [+ bias], then scale * y + shift when a BatchNorm was
-    folded in (affine=True). Buffers: weight_bits (out, kh, kw, ceil(in / groups / 8)) uint8,
-    bias, scale, shift (out,) or None.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = False,
-        padding_mode: str = "zeros",
-        *,
-        affine: bool = False,
-        input_quantizer: Any = None,
-        cache_weights: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.dilation = _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.groups, self.padding_mode = int(groups), padding_mode
-        if self.in_channels % self.groups:
-            raise UserError(f"in_channels={in_channels} is not divisible by groups={groups}")
-        self._reversed_padding_repeated_twice = _reversed_padding(
-            self.padding, self.kernel_size, self.dilation
-        )
-        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        self._setup(shape, bias, affine, input_quantizer, cache_weights, device, dtype)
-
-    @staticmethod
-    def _config_of(layer: nn.Module, affine: bool) -> dict[str, Any]:
-        return _conv_config(layer, affine)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size),
-            "stride": list(self.stride),
-            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
-            "dilation": list(self.dilation),
-            "groups": self.groups,
-            "bias": self.bias is not None,
-            "padding_mode": self.padding_mode,
-            "affine": self.affine,
-            "input_quantizer": _quantizer_name(self._input_spec),
-        }
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self._quantize_input(x)
-        w = self._weight(x.dtype)
-        b = None if self.bias is None or self.affine else self.bias.to(x.dtype)
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            y = F.conv2d(x, w, b, self.stride, (0, 0), self.dilation, self.groups)
-        else:
-            y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
-        return self._affine(y, 1)
-
-    def extra_repr(self) -> str:
-        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
-        s += f", stride={self.stride}"
-        if self.padding not in ((0, 0), "valid"):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is not None:
-            s += ", bias=True"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
-        return s + self._packed_repr()
-
-
-class PackedBinaryLinear(_PackedBinary):
-    """A BinaryLinear with its +1/-1 weight stored as bits; see the module docstring.
-
-    y = linear(input_quantizer(x), W) [+ bias], then scale * y + shift when a BatchNorm was
-    folded in. Buffers: weight_bits (out, ceil(in / 8)) uint8, bias, scale, shift (out,) or None.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = False,
-        *,
-        affine: bool = False,
-        input_quantizer: Any = None,
-        cache_weights: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        shape = (self.out_features, self.in_features)
-        self._setup(shape, bias, affine, input_quantizer, cache_weights, device, dtype)
-
-    @staticmethod
-    def _config_of(layer: nn.Module, affine: bool) -> dict[str, Any]:
-        return _linear_config(layer, affine)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "affine": self.affine,
-            "input_quantizer": _quantizer_name(self._input_spec),
-        }
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self._quantize_input(x)
-        w = self._weight(x.dtype)
-        b = None if self.bias is None or self.affine else self.bias.to(x.dtype)
-        return self._affine(F.linear(x, w, b), -1)
-
-    def extra_repr(self) -> str:
-        s = f"in_features={self.in_features}, out_features={self.out_features}"
-        if self.bias is not None:
-            s += ", bias=True"
-        return s + self._packed_repr()
-
-
-_PACKED_TYPES: dict[str, type[_PackedBinary]] = {
-    "PackedBinaryConv2d": PackedBinaryConv2d,
-    "PackedBinaryLinear": PackedBinaryLinear,
-}
-
-
-def _conv_config(layer: BinaryConv2d, affine: bool) -> dict[str, Any]:
-    return {
-        "in_channels": layer.in_channels,
-        "out_channels": layer.out_channels,
-        "kernel_size": layer.kernel_size,
-        "stride": layer.stride,
-        "padding": layer.padding,
-        "dilation": layer.dilation,
-        "groups": layer.groups,
-        "bias": layer.bias is not None,
-        "padding_mode": layer.padding_mode,
-        "affine": affine,
-        "input_quantizer": layer.input_quantizer,
-        "device": layer.weight.device,
-        "dtype": layer.weight.dtype,
-    }
-
-
-def _linear_config(layer: BinaryLinear, affine: bool) -> dict[str, Any]:
-    return {
-        "in_features": layer.in_features,
-        "out_features": layer.out_features,
-        "bias": layer.bias is not None,
-        "affine": affine,
-        "input_quantizer": layer.input_quantizer,
-        "device": layer.weight.device,
-        "dtype": layer.weight.dtype,
-    }
-
-
-def _fill(
-    packed: _PackedBinary, layer: nn.Module, scale: Tensor | None, shift: Tensor | None
-) -> None:
-    """Bits from the binary layer's eval weight; bias, or the folded scale/shift."""
-    packed.weight_bits.copy_(pack_signs(layer.weight))
-    if scale is not None:
-        packed.scale.copy_(scale)
-        packed.shift.copy_(shift)
-    if layer.bias is not None:
-        packed.bias.copy_(layer.bias.detach())
-    packed.train(False)
-
-
-def is_packed_layer(module: nn.Module) -> bool:
-    """A PackedBinaryConv2d or PackedBinaryLinear."""
-    return isinstance(module, _PackedBinary)
-
-
-def packed_weight_count(model: nn.Module) -> int:
-    """How many binary weights the packed layers of `model` hold as bits."""
-    return sum(m.num_weights() for m in model.modules() if isinstance(m, _PackedBinary))
 
 
 # ----------------------------------------------------------------------------- pack_binary
@@ -683,19 +240,12 @@ def pack_binary(model: nn.Module, *, fold_bn: bool = True, cache_weights: bool =
     return packed_model.eval()
 
 
-def _iter_packed(model: nn.Module) -> Iterator[tuple[str, _PackedBinary]]:
-    for name, m in model.named_modules():
-        if isinstance(m, _PackedBinary):
-            yield name, m
-
-
 # ----------------------------------------------------------------------------- files
 
 
 def _model_spec(
     model: nn.Module, model_name: str | None, model_args: dict[str, Any] | None
 ) -> dict[str, Any] | None:
-    from lightnets.models.registry import model_spec
 
     recorded = model_spec(model)
     if model_name is None and recorded is not None:
@@ -731,8 +281,6 @@ def save_packed(
     state_dict key and shape (swapping a pooling layer) cannot be seen and is not saved.
     Written atomically; an existing file is replaced. Returns the path.
     """
-    from lightnets import __version__
-    from lightnets.engine.checkpoint import atomic_torch_save
 
     if Path(path).suffix.lower() == ".safetensors":  # torch.load would then refuse to read it
         raise UserError(
@@ -747,7 +295,7 @@ def save_packed(
             f"save_packed: {type(model).__name__} has no binary or packed layers: expected a "
             "binary model (BinaryConv2d / BinaryLinear) or the result of pack_binary"
         )
-    root_packed = isinstance(model, _PackedBinary)
+    root_packed = is_packed_layer(model)
     spec_model = None if root_packed else _model_spec(model, model_name, model_args)
     if spec_model is None and not root_packed:
         raise UserError(
@@ -756,7 +304,7 @@ def save_packed(
         )
     modules: dict[str, Any] = {}
     for name, m in model.named_modules():
-        if isinstance(m, _PackedBinary):
+        if is_packed_layer(m):
             modules[name] = {"type": type(m).__name__, "config": m.config()}
         elif isinstance(m, nn.Identity) and name:
             modules[name] = {"type": "Identity"}
@@ -788,7 +336,6 @@ def _check_rebuilds(spec_model: Any, modules: dict[str, Any], state: dict[str, T
 
 
 def _read(path: Path) -> dict[str, Any]:
-    from lightnets.engine.checkpoint import read_weights_only
 
     if not path.is_file():
         raise UserError(f"packed model {path} does not exist: expected a file from save_packed")
@@ -821,12 +368,12 @@ def _build_module(entry: Any, name: str, path: Path) -> nn.Module:
         raise UserError(f"packed model {path} is damaged: module {name!r} has no type")
     if entry["type"] == "Identity":
         return nn.Identity()
-    cls = _PACKED_TYPES.get(entry["type"])
+    cls = PACKED_TYPES.get(entry["type"])
     config = entry.get("config")
     if cls is None or not isinstance(config, dict):
         raise UserError(
             f"packed model {path}: module {name!r} has unknown type {entry['type']!r}: expected "
-            f"one of {', '.join(_PACKED_TYPES)} or Identity"
+            f"one of {', '.join(PACKED_TYPES)} or Identity"
         )
     try:
         return cls(**config)
@@ -836,7 +383,6 @@ def _build_module(entry: Any, name: str, path: Path) -> nn.Module:
 
 def _rebuild(spec_model: Any, modules: dict[str, Any], path: Path | str) -> nn.Module:
     """The packed model's structure (initial weights): the registry model plus replacements."""
-    from lightnets.models.registry import create_model
 
     root = modules.get("")
     if root is not None:
@@ -864,12 +410,11 @@ def load_packed(path: str | Path, *, cache_weights: bool = True) -> nn.Module:
     Rebuilt from the registry (never unpickled) and loaded strictly; a missing, corrupt or
     foreign file is a UserError naming it.
     """
-    from lightnets.engine.checkpoint import load_model_state
 
     path = Path(path)
     read = _read(path)
     model = _rebuild(read["spec"].get("model"), read["modules"], path)
     load_model_state(model, read["state"], str(path))
-    for _, m in _iter_packed(model):
+    for _, m in iter_packed(model):
         m.cache_weights = cache_weights
     return model.eval()

@@ -23,6 +23,7 @@ from lightnets.nn.fusion import (
     make_fusion,
 )
 from lightnets.nn.norm import NORM_KINDS, BatchRenorm, FrozenBatchNorm, NormSpec, make_norm
+from lightnets.nn.packed import PackedBinaryConv2d, PackedBinaryLinear, is_packed_layer
 
 __all__ = [
     "FUSION_KINDS",
@@ -37,12 +38,15 @@ __all__ = [
     "FrozenBatchNorm",
     "GatedFusion",
     "NormSpec",
+    "PackedBinaryConv2d",
+    "PackedBinaryLinear",
     "WeightedConcat",
     "approx_sign",
     "clip_latent_weights_",
     "get_quantizer",
     "hard_sigmoid",
     "is_binary_parameter",
+    "is_packed_layer",
     "make_fusion",
     "magnitude_aware_sign",
     "make_norm",

@@ -72,6 +72,7 @@ __all__ = [
     "BinaryLinear",
     "KERNEL_ONLY_QUANTIZERS",
     "approx_sign",
+    "binary_sign",
     "clip_latent_weights_",
     "get_quantizer",
     "hard_sigmoid",
@@ -82,6 +83,7 @@ __all__ = [
     "ste_sign",
     "stochastic_sign",
     "swish_sign",
+    "takes_training",
 ]
 
 MODES = ("latent", "bop")
@@ -93,7 +95,7 @@ QuantizerSpec = str | Quantizer | None
 # ----------------------------------------------------------------------------- quantizers
 
 
-def _sign(x: Tensor) -> Tensor:
+def binary_sign(x: Tensor) -> Tensor:
     """+1 where x >= 0, -1 elsewhere, in x's dtype (sign(0) = +1)."""
     one = x.new_ones(())
     return torch.where(x < 0, -one, one)
@@ -117,7 +119,7 @@ class _StraightThroughSign(torch.autograd.Function):
         if clip is not None and ctx.needs_input_grad[0]:
             ctx.save_for_backward(x.abs() <= clip)
         if noise is None:
-            return _sign(x)
+            return binary_sign(x)
         one = x.new_ones(())
         return torch.where(noise < hard_sigmoid(x.to(noise.dtype)), one, -one)
 
@@ -136,7 +138,7 @@ class _ApproxSign(torch.autograd.Function):
     def forward(ctx, x: Tensor):  # type: ignore[override]
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(x)
-        return _sign(x)
+        return binary_sign(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -193,7 +195,7 @@ class _SwishSign(torch.autograd.Function):
         ctx.beta = beta
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(x)
-        return _sign(x)
+        return binary_sign(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -259,7 +261,7 @@ def get_quantizer(spec: QuantizerSpec) -> Quantizer:
     )
 
 
-def _takes_training(fn: Quantizer) -> bool:
+def takes_training(fn: Quantizer) -> bool:
     """Whether `fn` accepts a ``training`` keyword (then layers pass their mode)."""
     try:
         parameters = inspect.signature(fn).parameters
@@ -340,7 +342,7 @@ class _BinaryLayer:
             )
         self._input_spec = spec
         self._input_fn = None if spec is None else fn
-        self._input_training = _takes_training(fn)
+        self._input_training = takes_training(fn)
 
     @property
     def kernel_quantizer(self) -> QuantizerSpec:
@@ -357,7 +359,7 @@ class _BinaryLayer:
             )
         self._kernel_spec = spec
         self._kernel_fn = None if spec is None or self._mode == "bop" else fn
-        self._kernel_training = _takes_training(fn)
+        self._kernel_training = takes_training(fn)
 
     @property
     def mode(self) -> str:
@@ -400,7 +402,7 @@ class _BinaryLayer:
             return
         with torch.no_grad():
             nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
-            self.weight.copy_(_sign(self.weight))
+            self.weight.copy_(binary_sign(self.weight))
             if self.bias is not None:  # type: ignore[attr-defined]
                 fan_in = self.weight[0].numel()
                 bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0

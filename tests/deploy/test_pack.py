@@ -22,19 +22,16 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import lightnets as ln
-from lightnets.deploy.pack import (
-    FORMAT,
+from lightnets.deploy.pack import FORMAT, load_packed, pack_binary, save_packed
+from lightnets.errors import UserError
+from lightnets.nn import BinaryConv2d, BinaryLinear
+from lightnets.nn.packed import (
     PackedBinaryConv2d,
     PackedBinaryLinear,
     is_packed_layer,
-    load_packed,
-    pack_binary,
     pack_signs,
-    save_packed,
     unpack_signs,
 )
-from lightnets.errors import UserError
-from lightnets.nn import BinaryConv2d, BinaryLinear
 
 # ----------------------------------------------------------------------------- helpers
 
