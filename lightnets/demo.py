@@ -18,6 +18,7 @@ from lightnets.engine.config import load_config
 from lightnets.engine.trainer import Trainer
 from lightnets.nn.fbn import FBNConv2d
 from lightnets.optim.factory import is_norm_layer
+from lightnets.optional import require
 
 
 @torch.no_grad()
@@ -64,8 +65,7 @@ def run_demo(run_dir: Path, overrides: list[str] = ()) -> dict[str, float]:
 
     onnx_path = Path(run_dir) / "model.onnx"
     result = export(model, onnx_path, input_size=input_size)
-    import onnxruntime as ort
-
+    ort = require("onnxruntime", "onnx", "the demo's ONNX check")
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     onnx_logits, _ = _logits(

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from lightnets.errors import UserError
+from lightnets.optional import require
 
 __all__ = ["add_export_arguments", "export_command"]
 
@@ -180,8 +181,7 @@ def _file_runner(path: Path, fmt: str):
         return LceModel(path.read_bytes())
     if fmt == "torchscript":
         return torch.jit.load(str(path), map_location="cpu")
-    import onnxruntime as ort
-
+    ort = require("onnxruntime", "onnx", "--check-split of an ONNX file")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])

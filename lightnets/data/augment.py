@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightnets.errors import UserError, did_you_mean
+from lightnets.optional import require
 
 #: Op names build_batch_augment understands, in no particular order.
 AUGMENT_OPS = (
@@ -278,8 +279,7 @@ class BatchAugment(nn.Module):
                 self.geometric[str(i)] = self._kornia_op(op, self.image_size)
 
     def _kornia_op(self, op: AugmentOp, size: tuple[int, int] | None) -> nn.Module:
-        import kornia.augmentation as K
-
+        K = require("kornia.augmentation", "augment", f"the {op.name!r} augmentation")
         p = op.params
         if op.name == "hflip":
             aug = K.RandomHorizontalFlip(p=p["p"])
@@ -368,8 +368,9 @@ class BatchAugment(nn.Module):
         if scales is None:
             x = _crop_windows(x, top, left, ch, cw, fill)
             return x, None if m is None else _crop_windows(m, top, left, ch, cw, 0.0)
-        from kornia.geometry.transform import warp_affine
-
+        warp_affine = require(
+            "kornia.geometry.transform", "augment", "the 'random_resized_crop' augmentation"
+        ).warp_affine
         # source pixel index -> output pixel index: out = s * (src + 0.5) - 0.5 - offset
         sy, sx = hs.float() / h, ws.float() / w
         matrix = torch.zeros(n, 2, 3, device=device)

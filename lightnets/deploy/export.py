@@ -45,6 +45,7 @@ from torch import nn
 
 from lightnets.errors import UserError
 from lightnets.files import atomic_path, fsync_file
+from lightnets.optional import require
 
 __all__ = ["FORMATS", "SUFFIXES", "ExportCheckError", "ExportResult", "export", "format_for_path"]
 
@@ -162,6 +163,10 @@ def export(
     reference = _cpu_float_eval_copy(model)
     if fmt == "lce":
         return _export_lce(reference, path, size, check, atol, rtol, overwrite, seed)
+    if fmt == "onnx":
+        require("onnx", "onnx", "ONNX export")
+        if check:
+            require("onnxruntime", "onnx", "checking an ONNX export (or check=False)")
     with _eval_mode(reference):
         exported = _prepare(reference, fuse)
         x = _random_input(size, seed)
@@ -597,13 +602,7 @@ def _run_file(path: Path, fmt: str, inputs: list[torch.Tensor]) -> list[torch.Te
         with _quiet_deprecations(), torch.no_grad():
             loaded = torch.jit.load(str(path), map_location="cpu")
             return _run_each(loaded, inputs, path, fmt)
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise UserError(
-            "checking an ONNX export needs onnxruntime: expected it installed "
-            "(pip install onnxruntime), or pass check=False"
-        ) from None
+    ort = require("onnxruntime", "onnx", "checking an ONNX export (or check=False)")
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, torch.get_num_threads())
     options.log_severity_level = 3

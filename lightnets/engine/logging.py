@@ -19,7 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lightnets.engine.files import atomic_write_bytes, storage_errors
+from lightnets.files import atomic_write_bytes, storage_errors
+from lightnets.optional import available
 
 __all__ = ["MetricsLogger", "ProgressBar", "plot_curves", "read_rows"]
 
@@ -189,6 +190,14 @@ def plot_curves(run_dir: str | Path, out_name: str = "curves.png") -> Path | Non
     """Draw every numeric column of metrics.jsonl against epoch into `out_name` (atomically);
     None if nothing to plot. See `curves_figure`."""
     run_dir = Path(run_dir)
+    if not available("matplotlib"):  # an optional output: the run itself is fine without it
+        warnings.warn(
+            f'{out_name} was not drawn: it needs matplotlib (pip install "lightnets[plots]"); '
+            "set output.plot = false to skip it",
+            UserWarning,
+            stacklevel=2,
+        )
+        return None
     fig = curves_figure(read_rows(run_dir / JSONL))
     if fig is None:
         return None
