@@ -4,10 +4,19 @@ A recipe is a TOML file with up to seven tables (model, data, optim, schedule,
 binary_schedule, train, output).
 Every key is checked against the dataclasses below, so a typo or a wrong type is refused
 with the list of valid keys or the expected type instead of being silently ignored.
+
+TOML has no null. A key whose type allows None (`data.val_split`, `train.max_steps`, ...) takes
+the word "none" for it, in a recipe (`val_split = "none"`) as on the command line
+(`--set data.val_split=none`), and `save_config` writes None that way, so a run dir's
+config.toml reads back as the very config the run was started with. Inside the free-form
+tables (model.args, data.args, augmentation parameters) "none" is a plain string, so None cannot
+be written there and is refused by name. A config.toml written before None was spelled out
+left such keys out, which reads as their default.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import types
@@ -16,7 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
+from lightnets.data.augment import parse_augment
 from lightnets.errors import UserError, did_you_mean
+from lightnets.files import atomic_write_bytes
+from lightnets.optim.bop import FLIP_TESTS
+from lightnets.optim.composite import BINARY_OPTIMIZERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -178,8 +193,27 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (None values dropped, as TOML has no null)."""
-        return _drop_none(dataclasses.asdict(self))
+        """Plain nested dict of every value, None included: `load_config` reads it back as
+        this very config (`to_toml_dict` is the form TOML can hold)."""
+        return dataclasses.asdict(self)
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """`to_dict` as TOML can hold it: None spelled "none" (what `load_config` reads back
+        as None for keys whose type allows it); None anywhere else is a UserError naming the
+        key, as TOML could not keep it."""
+        tree: dict[str, Any] = {}
+        for section in dataclasses.fields(self):
+            part = getattr(self, section.name)
+            hints = typing.get_type_hints(type(part))
+            table = tree[section.name] = {}
+            for f in dataclasses.fields(part):
+                key, value = f"{section.name}.{f.name}", getattr(part, f.name)
+                if value is None and _allows_none(hints[f.name]):
+                    table[f.name] = NONE
+                else:
+                    _refuse_none(value, key)
+                    table[f.name] = copy.deepcopy(value)
+        return tree
 
     def validate(self) -> Config:
         """Refuse values that cannot work, naming the key and what is expected."""
@@ -201,8 +235,6 @@ class Config:
             d.val_holdout,
             " or ".join(repr(v) for v in VAL_HOLDOUTS),
         )
-        from lightnets.data.augment import parse_augment
-
         for key in ("augment", "eval_augment"):
             try:
                 parse_augment(getattr(d, key))
@@ -265,9 +297,6 @@ class Config:
         return self
 
     def _validate_binary(self) -> None:
-        from lightnets.optim.bop import FLIP_TESTS
-        from lightnets.optim.composite import BINARY_OPTIMIZERS
-
         o, b, t = self.optim, self.binary_schedule, self.train
         if o.binary is not None:
             _check(
@@ -312,12 +341,31 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise UserError(f"config value {key}={value!r} is invalid: expected {expected}")
 
 
-def _drop_none(value: Any) -> Any:
+#: How a config in TOML spells None (TOML has no null): the word `--set key=none` takes.
+NONE = "none"
+
+
+def _allows_none(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in (
+        typing.get_args(hint)
+    )
+
+
+def _refuse_none(value: Any, key: str) -> None:
+    """A None that TOML cannot hold (in a free-form table or list, or in a key whose type has
+    no None): refused by name rather than dropped (dropped, it would read back as something
+    else, e.g. the default)."""
+    if value is None:
+        raise UserError(
+            f"config value {key}=None cannot be written to TOML (it has no null, and "
+            f'"{NONE}" here would read back as a string): expected a value, or the key left out'
+        )
     if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_drop_none(v) for v in value]
-    return value
+        for k, v in value.items():
+            _refuse_none(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _refuse_none(v, f"{key}[{i}]")
 
 
 def list_recipes() -> list[str]:
@@ -486,9 +534,5 @@ def apply_override(config: Config, item: str) -> None:
 
 
 def save_config(config: Config, path: Path) -> None:
-    """Write the fully resolved config as TOML (re-usable as a recipe)."""
-    import tomli_w
-
-    from lightnets.engine.files import atomic_write_bytes
-
-    atomic_write_bytes(path, tomli_w.dumps(config.to_dict()).encode())
+    """Write the fully resolved config as TOML (re-usable as a recipe; None as "none")."""
+    atomic_write_bytes(path, tomli_w.dumps(config.to_toml_dict()).encode())
