@@ -10,6 +10,9 @@ Groups: G consecutive groups of input channels, 1 <= G <= C_in, whose sizes diff
 when G does not divide C_in, in `torch.tensor_split` order: the first C_in % G groups hold
 C_in // G + 1 channels, the others C_in // G (30 channels in 4 groups: 8, 8, 7, 7). Finet-small's
 30-channel 1x1 convs with G=4 (the paper's Table 2) need this. `group_sizes(C_in, G)` gives them.
+G is given as `fbn_groups`, or as `channels_per_group` = c (the paper's Table 6), which means
+G = max(1, C_in // c): groups of c channels, rounded down to whole groups (`fbn_group_count`, the
+one rule that models, this layer and `convert_norm` share).
 
 Once the statistics mu_{g,o}, var_{g,o} are known the layer is ONE standard convolution with the
 folded weight W~[o, g] = a_{g,o} W[o, g], a = gamma / sqrt(var + eps), plus the bias
@@ -37,7 +40,8 @@ Running statistics are updated once per training forward, by the module, from st
 Functions return; nothing that is recomputed touches them. Eval mode turns the running
 statistics into the folded weight and bias: one conv, no groups (``impl="naive"`` stays literal
 in eval too, grouped conv + BN on the running statistics, so it checks the fold). Statistics are
-accumulated in float32 for bfloat16/float16 inputs.
+accumulated in float32 for bfloat16/float16 inputs. The Functions that compute the statistics
+and the training forward live in `lightnets.nn.fbn_autograd`; this module is the layer.
 """
 
 from __future__ import annotations
@@ -49,9 +53,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightnets.errors import UserError, did_you_mean
+from lightnets.checks import check_bool, check_choice, check_int, check_number, is_int, pair
+from lightnets.errors import UserError
+from lightnets.nn.fbn_autograd import (
+    GroupMoments,
+    RecomputedFBN,
+    group_runs,
+    partial_sums,
+    per_channel,
+    stat_dtype,
+    sync_moments,
+)
 
-__all__ = ["FBNConv2d", "FBNNormSlot", "IMPLS", "group_sizes"]
+__all__ = ["FBNConv2d", "FBNNormSlot", "IMPLS", "fbn_group_count", "group_sizes"]
 
 IMPLS = ("auto", "naive", "cov", "recompute")
 
@@ -65,378 +79,49 @@ def group_sizes(in_channels: int, groups: int) -> tuple[int, ...]:
     return (q + 1,) * r + (q,) * (groups - r)
 
 
-def _blocks(sizes: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
-    """Runs of equal-sized groups as (first channel, first group, number of groups, size).
+def fbn_group_count(
+    in_channels: int,
+    fbn_groups: int | None = 1,
+    channels_per_group: int | None = None,
+    where: str = "FBNConv2d",
+) -> int:
+    """G, the number of input-channel groups of an FBN conv with `in_channels` inputs.
 
-    One run when G divides C_in, else two (the larger groups, then the smaller ones); each run is
-    handled as an even split, vectorized.
+    The one rule for FBN's two options, used by `FBNConv2d`, by the models' ``fbn_groups`` /
+    ``fbn_channels_per_group`` and by ``convert_norm(model, "fbn", ...)``:
+
+    - ``fbn_groups=G`` (default 1; None means "not given"): 1 <= G <= in_channels. A G that does
+      not divide in_channels gives groups whose sizes differ by one (`group_sizes`).
+    - ``channels_per_group=c`` (the paper's Table 6): G = max(1, in_channels // c). The count is
+      rounded down, so every group holds c channels or a few more: 30 inputs with c = 7 give
+      G = 4 (groups 8, 8, 7, 7), 24 inputs with c = 20, 50 or 100 give one group of 24 (Finet's
+      first block). c need not divide in_channels. Only one of the two may be given
+      (fbn_groups stays at its default 1 with channels_per_group).
+
+    Anything else is a UserError that starts with `where`.
     """
-    runs: list[tuple[int, int, int, int]] = []
-    start = 0
-    for g, size in enumerate(sizes):
-        if runs and runs[-1][3] == size:
-            first, g0, k, _ = runs[-1]
-            runs[-1] = (first, g0, k + 1, size)
-        else:
-            runs.append((start, g, 1, size))
-        start += size
-    return tuple(runs)
-
-
-def _per_channel(values: Tensor, sizes: tuple[int, ...]) -> Tensor:
-    """(G, O) per-group values -> (O, C_in): each group's value repeated over its channels."""
-    O = values.shape[1]
-    parts = [
-        values[g0 : g0 + k].t()[:, :, None].expand(O, k, c).reshape(O, k * c)
-        for _, g0, k, c in _blocks(sizes)
-    ]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-
-def _pair(value: Any, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        return (int(value[0]), int(value[1]))
-    raise UserError(f"FBNConv2d {name}={value!r}: expected an int or a pair of ints")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are accumulated in float32 (float64 stays float64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradient (as in SyncBatchNorm)."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group: Any) -> Tensor:  # type: ignore[override]
-        ctx.group = group
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        torch.distributed.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        torch.distributed.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def _sync_moments(
-    mean: Tensor, var: Tensor, count: int, group: Any = None
-) -> tuple[Tensor, Tensor, int]:
-    """Combine per-process (mean, biased var, count) into the statistics of the global batch.
-
-    Each process writes its row of a (world, 1 + 2K) table and one differentiable all_reduce
-    gathers the table; the rows are then combined exactly (Chan et al.), so the result equals one
-    process on the concatenated batch, and gradients reach every process's inputs.
-    """
-    dist = torch.distributed
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    shape = mean.shape
-    row = torch.cat([mean.new_tensor([float(count)]), mean.reshape(-1), var.reshape(-1)])
-    table = row.new_zeros(world, row.numel())
-    table = table.index_copy(0, torch.tensor([rank], device=row.device), row[None])
-    table = _AllReduceSum.apply(table, group)
-    counts = table[:, :1]
-    total = counts.sum()
-    means = table[:, 1 : 1 + mean.numel()]
-    variances = table[:, 1 + mean.numel() :]
-    g_mean = (counts * means).sum(0) / total
-    g_var = (counts * (variances + (means - g_mean) ** 2)).sum(0) / total
-    return g_mean.reshape(shape), g_var.reshape(shape), int(total.item())
-
-
-class _GroupMoments(torch.autograd.Function):
-    """Per-group mean (k, c) and biased covariance (k, c, c) of the inputs a strided 1x1 conv sees.
-
-    One (mean, cov) pair per run of equal-sized groups (`_blocks`), flattened into the outputs.
-    The pixels are x[:, :, start::s] of the zero-padded input; padded zeros count in n. Forward
-    centres before the products (stable), writing the centred copy as (k, c, N*pixels) so that
-    the covariance is one GEMM per group over all pixels; backward recomputes from the saved
-    input, the same tensor the convolution keeps, so nothing input-sized is added:
-    dL/dp = (dL/dmean + (Gc + Gc^T)(p - mean)) / n for every real pixel p.
-    """
-
-    @staticmethod
-    def forward(ctx, x, blocks, stride, padding, out_hw):  # type: ignore[override]
-        sel, n, n_pad = _pixel_selection(x.shape, stride, padding, out_hw)
-        dtype = _stat_dtype(x.dtype)
-        xs = x[sel]  # (N, C, h, w) real pixels only; a view
-        N, L = x.shape[0], xs.shape[-2] * xs.shape[-1]
-        outputs, means = [], []
-        for start, _, k, c in blocks:
-            p = xs[:, start : start + k * c].reshape(N, k, c, L)
-            mean = p.sum(dim=(0, 3), dtype=dtype) / n  # (k, c)
-            centred = torch.empty((k, c, N, L), dtype=dtype, device=x.device)
-            torch.sub(p.permute(1, 2, 0, 3), mean[:, :, None, None], out=centred)
-            flat = centred.view(k, c, N * L)
-            # each padded zero adds (0 - mean)(0 - mean)^T
-            extra = mean[:, :, None] * mean[:, None, :] * (n_pad / n)
-            cov = torch.baddbmm(extra, flat, flat.transpose(1, 2), alpha=1.0 / n)
-            del centred, flat
-            outputs += [mean, cov]
-            means.append(mean)
-        ctx.save_for_backward(x, *means)
-        ctx.meta = (blocks, stride, padding, out_hw, n)
-        return tuple(outputs)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):  # type: ignore[override]
-        x, *means = ctx.saved_tensors
-        blocks, stride, padding, out_hw, n = ctx.meta
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        with torch.autocast(x.device.type, enabled=False):
-            return _GroupMoments._backward(x, means, blocks, stride, padding, out_hw, n, grads)
-
-    @staticmethod
-    def _backward(x, means, blocks, stride, padding, out_hw, n, grads):
-        sel, _, n_pad = _pixel_selection(x.shape, stride, padding, out_hw)
-        xs = x[sel]
-        N, h, w = xs.shape[0], xs.shape[-2], xs.shape[-1]
-        whole = n_pad == 0 and xs.shape == x.shape
-        parts = []
-        for (start, _, k, c), mean, grad_mean, grad_cov in zip(
-            blocks, means, grads[0::2], grads[1::2]
-        ):
-            p = xs[:, start : start + k * c].to(mean.dtype).reshape(N * k, c, h * w)
-            if grad_cov is None:
-                sym = mean.new_zeros(k, c, c)
-            else:
-                grad_cov = grad_cov.to(mean.dtype)
-                sym = (grad_cov + grad_cov.transpose(-1, -2)) / n
-            bias = -(sym @ mean[:, :, None])  # (k, c, 1): the centring, moved into the bias
-            if grad_mean is not None:
-                bias = bias + grad_mean[:, :, None].to(mean.dtype) / n
-            gp = torch.baddbmm(
-                bias.expand(N, k, c, 1).reshape(N * k, c, 1),
-                sym.expand(N, k, c, c).reshape(N * k, c, c),
-                p,
+    in_channels = check_int(in_channels, "in_channels", where)
+    if channels_per_group is not None:
+        if fbn_groups not in (None, 1) or isinstance(fbn_groups, bool):
+            raise UserError(
+                f"{where}: got fbn_groups={fbn_groups!r} and channels_per_group="
+                f"{channels_per_group!r}: expected only one of them"
             )
-            parts.append(gp.view(N, k * c, h, w).to(x.dtype))
-        if whole:
-            return (parts[0] if len(parts) == 1 else torch.cat(parts, 1)), None, None, None, None
-        grad_x = torch.zeros_like(x)
-        inside = grad_x[sel]  # a view: writing it writes grad_x
-        for (start, _, k, c), part in zip(blocks, parts):
-            inside[:, start : start + k * c] = part
-        return grad_x, None, None, None, None
-
-
-_conv_backward = torch.ops.aten.convolution_backward
-
-
-def _contiguous_like(t: Tensor, like: Tensor) -> Tensor:
-    fmt = (
-        torch.channels_last
-        if like.dim() == 4
-        and like.is_contiguous(memory_format=torch.channels_last)
-        and not like.is_contiguous()
-        else torch.contiguous_format
-    )
-    return t.contiguous(memory_format=fmt)
-
-
-def _channel_sum(t: Tensor) -> Tensor:
-    """Sum over (N, H, W) of an (N, C, H, W) tensor (contiguous reductions, no temporaries)."""
-    return t.flatten(2).sum(2).sum(0)
-
-
-def _channel_sum_of_squares(t: Tensor) -> Tensor:
-    """Sum of squares over (N, H, W), via 2-norms over the contiguous H*W (no temporaries)."""
-    return torch.linalg.vector_norm(t.flatten(2), 2, dim=2).square().sum(0)
-
-
-class _RecomputedFBN(torch.autograd.Function):
-    """The training forward of a whole FBN conv; keeps x, W and the statistics only.
-
-    Forward, per group g: z_g = conv(x_g, W_g), centred in place by its mean, var from the
-    centred values, out += a_g (z_g - mu_g), z_g freed; finally out += sum_g beta_g. Returns
-    (out, mean, var) with the (G, O) statistics non-differentiable (for the running averages).
-    With a process group (sync_stats) the statistics of all processes are combined first (so
-    every z_g is kept until then) and backward all-reduces the two per-channel sums of the BN
-    gradient, as SyncBatchNorm does.
-    Backward, per group: recompute z_g, S2_g = sum dy (z_g - mu_g), S1 = sum dy,
-    dz_g = a_g (dy - S1/n - (z_g - mu_g) rstd_g^2 S2_g / n), then the group conv's input and
-    weight gradients. One scratch tensor serves every group.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, gamma, beta, sizes, conv_args, eps, sync, info):  # type: ignore[override]
-        stride, padding, dilation = conv_args
-        sdt = _stat_dtype(x.dtype)
-        x_groups = x.split(sizes, 1) if len(sizes) > 1 else (x,)
-        w_groups = weight.split(sizes, 1) if len(sizes) > 1 else (weight,)
-        out = None
-        kept, means, variances = [], [], []
-        out_dtype = x.dtype
-        n = 0
-        for g, (xg, wg) in enumerate(zip(x_groups, w_groups)):
-            z = F.conv2d(xg, wg, None, stride, padding, dilation)
-            out_dtype = z.dtype  # the conv's dtype (autocast may lower it)
-            zc = z.to(sdt)
-            del z
-            n = zc.numel() // zc.shape[1]
-            mean = _channel_sum(zc) / n
-            zc.sub_(mean[:, None, None])
-            var = _channel_sum_of_squares(zc) / n
-            means.append(mean)
-            variances.append(var)
-            if sync is not None:
-                kept.append(zc)
-                continue
-            a = torch.rsqrt(var + eps)
-            if gamma is not None:
-                a = a * gamma[g].to(sdt)
-            if out is None:
-                out = zc.mul_(a[:, None, None])
-            else:
-                out.addcmul_(zc, a[:, None, None])
-            del zc
-        mean, var = torch.stack(means), torch.stack(variances)
-        shift = beta.to(sdt).sum(0) if beta is not None else None
-        if sync is not None:
-            local_mean = mean
-            mean, var, n = _sync_moments(mean, var, n, sync)
-            a = torch.rsqrt(var + eps)
-            if gamma is not None:
-                a = a * gamma.to(sdt)
-            # kept holds z_g - local mean; the output needs z_g - global mean
-            adjust = -(a * (mean - local_mean)).sum(0)
-            shift = adjust if shift is None else shift + adjust
-            for g in range(len(kept)):
-                zc, kept[g] = kept[g], None
-                if out is None:
-                    out = zc.mul_(a[g][:, None, None])
-                else:
-                    out.addcmul_(zc, a[g][:, None, None])
-                del zc
-        if shift is not None:
-            out.add_(shift[:, None, None])
-        out = out.to(out_dtype)
-        rstd = torch.rsqrt(var + eps)
-        info["n"] = n
-        ctx.save_for_backward(x, weight, gamma, mean, rstd)
-        ctx.meta = (sizes, conv_args, n, sync, out_dtype)
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_mean, _grad_var):  # type: ignore[override]
-        x, weight, gamma, mean, rstd = ctx.saved_tensors
-        sizes, (stride, padding, dilation), n, sync, cdt = ctx.meta
-        need_x, need_w, need_gamma, need_beta = ctx.needs_input_grad[:4]
-        sdt = mean.dtype
-        dy = grad_out.to(sdt)
-        s1 = _channel_sum(dy)  # (O,)
-        alpha = rstd if gamma is None else rstd * gamma.to(sdt)  # (G, O)
-        starts = [sum(sizes[:g]) for g in range(len(sizes))]
-        mask = (need_x, need_w, False)
-        dx = torch.empty_like(x) if need_x else None
-        dw = torch.empty_like(weight) if need_w else None
-        scratch: list[Tensor] = []  # one (N, O, h, w) buffer for every group
-
-        def recompute(g: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            sl = slice(starts[g], starts[g] + sizes[g])
-            xg = _contiguous_like(x[:, sl].to(cdt), x)
-            wg = weight[:, sl].to(cdt).contiguous()
-            with torch.autocast(x.device.type, enabled=False):
-                zc = F.conv2d(xg, wg, None, stride, padding, dilation).to(sdt)
-            zc.sub_(mean[g][:, None, None])
-            if not scratch:
-                scratch.append(torch.empty_like(zc))
-            s2 = _channel_sum(torch.mul(dy, zc, out=scratch[0]))  # sum dy (z - mu)
-            return xg, wg, zc, s2
-
-        def input_grads(g: int, xg: Tensor, wg: Tensor, zc: Tensor, s1g: Tensor, s2g: Tensor):
-            if not (need_x or need_w):
-                return
-            kappa = -alpha[g] * rstd[g] ** 2 * s2g / n
-            const = -alpha[g] * s1g / n
-            dz = torch.addcmul(const[:, None, None], dy, alpha[g][:, None, None], out=scratch[0])
-            dz.addcmul_(zc, kappa[:, None, None])
-            gx, gw, _ = _conv_backward(
-                dz.to(cdt), xg, wg, None, stride, padding, dilation, False, (0, 0), 1, mask
-            )
-            sl = slice(starts[g], starts[g] + sizes[g])
-            if need_x:
-                dx[:, sl] = gx
-            if need_w:
-                dw[:, sl] = gw
-
-        s2_local = []
-        if sync is None:
-            for g in range(len(sizes)):
-                xg, wg, zc, s2 = recompute(g)
-                s2_local.append(s2)
-                input_grads(g, xg, wg, zc, s1, s2)
-                del xg, wg, zc
-        else:
-            saved = []
-            for g in range(len(sizes)):
-                xg, wg, zc, s2 = recompute(g)
-                s2_local.append(s2)
-                saved.append((xg, wg, zc))
-            sums = torch.cat([s1[None], torch.stack(s2_local)])
-            torch.distributed.all_reduce(sums, group=sync)
-            for g in range(len(sizes)):
-                (xg, wg, zc), saved[g] = saved[g], None
-                input_grads(g, xg, wg, zc, sums[0], sums[1 + g])
-                del xg, wg, zc
-        d_gamma = (rstd * torch.stack(s2_local)).to(gamma.dtype) if need_gamma else None
-        d_beta = s1.to(gamma.dtype).repeat(len(sizes), 1) if need_beta else None
-        return dx, dw, d_gamma, d_beta, None, None, None, None, None
-
-
-def _partial_sums(x: Tensor, weight: Tensor, sizes: tuple[int, ...], conv: tuple) -> Tensor:
-    """The G*O partial sums of eq. 4: output channel g*O + o is conv(x_g, W[o, g]).
-
-    Even groups: one grouped conv (the paper's Fig. 3a). Uneven groups: one conv per group,
-    concatenated.
-    """
-    G = len(sizes)
-    O = weight.shape[0]
-    if len(set(sizes)) == 1:
-        c = sizes[0]
-        w = weight.reshape(O, G, c, *weight.shape[2:]).transpose(0, 1)
-        return F.conv2d(x, w.reshape(G * O, c, *weight.shape[2:]), None, *conv, G)
-    return torch.cat(
-        [
-            F.conv2d(xg, wg, None, *conv)
-            for xg, wg in zip(x.split(sizes, 1), weight.split(sizes, 1))
-        ],
-        1,
-    )
-
-
-def _pixel_selection(
-    shape: torch.Size, stride: tuple[int, int], padding: tuple[int, int], out_hw: tuple[int, int]
-) -> tuple[tuple[slice, ...], int, int]:
-    """Index of the real (non-padding) input pixels a 1x1 conv visits, and the pixel counts."""
-    slices = [slice(None), slice(None)]
-    real = 1
-    for size, s, pad, out in zip(shape[-2:], stride, padding, out_hw):
-        first = -(-pad // s)  # first output index whose input lies inside the image
-        last = min(out - 1, (size - 1 + pad) // s)  # last such index
-        count = max(0, last - first + 1)
-        start = first * s - pad
-        slices.append(slice(start, start + (count - 1) * s + 1, s) if count else slice(0, 0))
-        real *= count
-    n = shape[0] * out_hw[0] * out_hw[1]
-    return tuple(slices), n, n - shape[0] * real
+        c = check_int(channels_per_group, "channels_per_group", where)
+        return max(1, in_channels // c)
+    if fbn_groups is None:
+        return 1
+    if not is_int(fbn_groups) or fbn_groups < 1:
+        raise UserError(
+            f"{where}: fbn_groups={fbn_groups!r} is invalid: expected an int G with "
+            f"1 <= G <= C_in={in_channels}"
+        )
+    if fbn_groups > in_channels:
+        raise UserError(
+            f"{where}: fbn_groups={fbn_groups} is more than the {in_channels} input channels: "
+            f"expected 1 <= G <= {in_channels} (every group needs at least one input channel)"
+        )
+    return fbn_groups
 
 
 class FBNConv2d(nn.Module):
@@ -449,8 +134,8 @@ class FBNConv2d(nn.Module):
             When G does not divide in_channels the group sizes differ by one: the first
             in_channels % G groups get in_channels // G + 1 channels, the rest in_channels // G
             (`torch.tensor_split` order; `group_sizes`).
-        channels_per_group: alternatively the group size c, which must divide in_channels;
-            G = in_channels / c.
+        channels_per_group: alternatively the group size c: G = max(1, in_channels // c), whole
+            groups of c channels or a few more (`fbn_group_count`); fbn_groups stays 1.
         eps, momentum, affine: as `nn.BatchNorm2d` (momentum=None: cumulative average).
         impl: "auto" | "naive" | "cov" | "recompute" (how the training statistics are computed;
             all give the same result, see the module docstring).
@@ -484,53 +169,50 @@ class FBNConv2d(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        where = "FBNConv2d"
         if groups != 1:
             raise UserError(
-                f"FBNConv2d groups={groups}: FBN needs several input channels per output: "
+                f"{where} groups={groups}: FBN needs several input channels per output: "
                 "depthwise/grouped convs have nothing to group (use nn.Conv2d + BatchNorm2d)"
             )
         if bias:
             raise UserError(
-                "FBNConv2d bias=True: FBN has no conv bias, norm_bias (beta) plays that role; "
+                f"{where} bias=True: FBN has no conv bias, norm_bias (beta) plays that role; "
                 "expected bias=False"
             )
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"FBNConv2d {name}={value!r}: expected a positive int")
-        groups_ = self._resolve_groups(in_channels, fbn_groups, channels_per_group)
-        if impl not in IMPLS:
-            raise UserError(
-                f"FBNConv2d impl={impl!r}: expected one of {', '.join(IMPLS)}"
-                + did_you_mean(str(impl), IMPLS)
-            )
+        check_int(in_channels, "in_channels", where)
+        check_int(out_channels, "out_channels", where)
+        groups_ = fbn_group_count(in_channels, fbn_groups, channels_per_group, where)
+        self.impl = check_choice(impl, "impl", where, IMPLS)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = pair(kernel_size, "kernel_size", where)
+        self.stride = pair(stride, "stride", where)
+        self.dilation = pair(dilation, "dilation", where)
         if isinstance(padding, str):
             if padding not in ("valid", "same"):
                 raise UserError(
-                    f"FBNConv2d padding={padding!r}: expected an int, a pair, 'valid' or 'same'"
+                    f"{where} padding={padding!r}: expected an int, a pair, 'valid' or 'same'"
                 )
             if padding == "same" and self.stride != (1, 1):
-                raise UserError("FBNConv2d padding='same' needs stride=1 (as nn.Conv2d)")
+                raise UserError(f"{where} padding='same' needs stride=1 (as nn.Conv2d)")
             self.padding: tuple[int, int] | str = padding
         else:
-            self.padding = _pair(padding, "padding")
+            self.padding = pair(padding, "padding", where)
         self.fbn_groups = groups_
         self.group_sizes = group_sizes(in_channels, groups_)
-        self._blocks = _blocks(self.group_sizes)
+        self._runs = group_runs(self.group_sizes)
         if impl == "cov" and self.kernel_size != (1, 1):
             raise UserError(
-                f"FBNConv2d impl='cov' needs a 1x1 kernel, got kernel_size={self.kernel_size}; "
+                f"{where} impl='cov' needs a 1x1 kernel, got kernel_size={self.kernel_size}; "
                 "expected impl='recompute' or 'auto' for larger kernels"
             )
-        self.eps = float(eps)
+        self.eps = check_number(eps, "eps", where, minimum=0)
+        if momentum is not None:
+            momentum = check_number(momentum, "momentum", where, minimum=0, maximum=1)
         self.momentum = momentum
-        self.affine = affine
-        self.impl = impl
-        self.sync_stats = sync_stats
+        self.affine = check_bool(affine, "affine", where)
+        self.sync_stats = check_bool(sync_stats, "sync_stats", where)
 
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, *self.kernel_size, **kw))
@@ -546,38 +228,6 @@ class FBNConv2d(nn.Module):
             "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
         )
         self.reset_parameters()
-
-    @staticmethod
-    def _resolve_groups(in_channels: int, fbn_groups: int, channels_per_group: int | None) -> int:
-        if not isinstance(fbn_groups, int) or isinstance(fbn_groups, bool) or fbn_groups < 1:
-            raise UserError(
-                f"FBNConv2d fbn_groups={fbn_groups!r}: expected an int G with "
-                f"1 <= G <= C_in={in_channels}"
-            )
-        if channels_per_group is not None:
-            if (
-                not isinstance(channels_per_group, int)
-                or channels_per_group < 1
-                or in_channels % channels_per_group
-            ):
-                raise UserError(
-                    f"FBNConv2d channels_per_group={channels_per_group!r} must divide "
-                    f"C_in={in_channels}; valid: {_divisors(in_channels)}"
-                )
-            from_size = in_channels // channels_per_group
-            if fbn_groups not in (1, from_size):
-                raise UserError(
-                    f"FBNConv2d fbn_groups={fbn_groups} and channels_per_group={channels_per_group}"
-                    f" disagree for C_in={in_channels} (that group size means G={from_size}); "
-                    "give only one"
-                )
-            return from_size
-        if fbn_groups > in_channels:
-            raise UserError(
-                f"FBNConv2d fbn_groups G={fbn_groups} > C_in={in_channels}: every group needs at "
-                f"least one input channel; expected 1 <= G <= {in_channels}"
-            )
-        return fbn_groups
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -631,7 +281,7 @@ class FBNConv2d(nn.Module):
         shift = -a * mean
         if self.affine:
             shift = shift + self.norm_bias.to(sdt)
-        w = self.weight.to(sdt) * _per_channel(a, self.group_sizes)[:, :, None, None]
+        w = self.weight.to(sdt) * per_channel(a, self.group_sizes)[:, :, None, None]
         return w.to(dtype), shift.sum(0).to(dtype)
 
     def fused_weight_and_bias(self) -> tuple[Tensor, Tensor]:
@@ -642,7 +292,7 @@ class FBNConv2d(nn.Module):
         bias_o = sum_g (beta_{g,o} - a_{g,o} running_mean_{g,o}).
         Differentiable; wrap in `torch.no_grad()` for export.
         """
-        sdt = _stat_dtype(self.weight.dtype)
+        sdt = stat_dtype(self.weight.dtype)
         return self._fold(self.running_mean.to(sdt), self.running_var.to(sdt), self.weight.dtype)
 
     def to_conv(self) -> nn.Conv2d:
@@ -698,10 +348,10 @@ class FBNConv2d(nn.Module):
         O = self.out_channels
         pad = (0, 0) if isinstance(self.padding, str) else self.padding  # "same" is 0 for 1x1
         with torch.autocast(x.device.type, enabled=False):  # the statistics stay float32
-            moments = _GroupMoments.apply(x, self._blocks, self.stride, pad, out_hw)
+            moments = GroupMoments.apply(x, self._runs, self.stride, pad, out_hw)
             w = self.weight.to(moments[0].dtype).reshape(O, -1)
             means, variances = [], []
-            for (start, _, k, c), mean_p, cov_p in zip(self._blocks, moments[0::2], moments[1::2]):
+            for (start, _, k, c), mean_p, cov_p in zip(self._runs, moments[0::2], moments[1::2]):
                 wb = w[:, start : start + k * c].reshape(O, k, c).permute(1, 2, 0)  # (k, c, O)
                 means.append((wb * mean_p[:, :, None]).sum(1))  # (k, O)
                 variances.append((torch.bmm(cov_p, wb) * wb).sum(1))
@@ -757,7 +407,7 @@ class FBNConv2d(nn.Module):
         n = x.shape[0] * out_hw[0] * out_hw[1]
         var, mean = self._cov_stats(x, out_hw)
         if self._syncing():
-            mean, var, n = _sync_moments(mean, var, n)
+            mean, var, n = sync_moments(mean, var, n)
         self._check_count(n, x)
         self._update_running_stats(mean.detach(), var.detach(), n)
         w, b = self._fold(mean, var, x.dtype)
@@ -779,7 +429,7 @@ class FBNConv2d(nn.Module):
         if self._syncing():
             sync = torch.distributed.group.WORLD
         info: dict[str, int] = {}
-        out, mean, var = _RecomputedFBN.apply(
+        out, mean, var = RecomputedFBN.apply(
             x,
             self.weight,
             self.norm_weight,
@@ -800,13 +450,13 @@ class FBNConv2d(nn.Module):
         (Uneven groups: one conv per group, concatenated, instead of the grouped conv.)
         """
         G, O = self.fbn_groups, self.out_channels
-        z = _partial_sums(x, self.weight, self.group_sizes, self._conv_args())
+        z = partial_sums(x, self.weight, self.group_sizes, self._conv_args())
         gamma = self.norm_weight.reshape(-1) if self.affine else None
         beta = self.norm_bias.reshape(-1) if self.affine else None
         if self._syncing():
-            var, mean = torch.var_mean(z.to(_stat_dtype(z.dtype)), dim=(0, 2, 3), correction=0)
+            var, mean = torch.var_mean(z.to(stat_dtype(z.dtype)), dim=(0, 2, 3), correction=0)
             n = z.shape[0] * z.shape[2] * z.shape[3]
-            mean, var, n = _sync_moments(mean, var, n)
+            mean, var, n = sync_moments(mean, var, n)
             self._update_running_stats(mean.detach().view(G, O), var.detach().view(G, O), n)
             scale = torch.rsqrt(var + self.eps)
             y = (z - mean[:, None, None].to(z.dtype)) * scale[:, None, None].to(z.dtype)

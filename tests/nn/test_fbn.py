@@ -20,7 +20,7 @@ from torch import nn
 
 from lightnets.errors import UserError
 from lightnets.nn import FBNConv2d
-from lightnets.nn.fbn import group_sizes
+from lightnets.nn.fbn import fbn_group_count, group_sizes
 
 REPO = Path(__file__).resolve().parents[2]
 F64 = torch.float64
@@ -407,15 +407,48 @@ def test_uneven_groups_are_tensor_split_sizes(c_in):
     assert "fbn_groups=4, group_sizes=(8, 8, 7, 7)" in repr(FBNConv2d(30, 2, 1, fbn_groups=4))
 
 
+@pytest.mark.parametrize("c_in", [1, 7, 8, 24, 30, 100])
+@pytest.mark.parametrize("c", [1, 3, 7, 8, 20, 50])
+def test_channels_per_group_rounds_down_to_whole_groups(c_in, c):
+    """channels_per_group=c means G = max(1, C_in // c): every group holds at least c channels
+    (or all of them when there are fewer than c), and c need not divide C_in (Table 6)."""
+    m = FBNConv2d(c_in, 2, 1, channels_per_group=c)
+    expected = max(1, c_in // c)  # by hand: as many whole groups of c as fit, at least one
+    assert m.fbn_groups == fbn_group_count(c_in, channels_per_group=c) == expected
+    assert sum(m.group_sizes) == c_in and min(m.group_sizes) >= min(c, c_in)
+    assert max(m.group_sizes) - min(m.group_sizes) <= 1
+
+
+def test_channels_per_group_gives_the_layer_of_that_many_groups():
+    """A layer made with channels_per_group equals the one made with the G it means."""
+    torch.manual_seed(0)
+    by_size = _randomize(FBNConv2d(30, 4, 1, channels_per_group=7, impl="naive").double())
+    by_count = FBNConv2d(30, 4, 1, fbn_groups=4, impl="naive").double()
+    by_count.load_state_dict(by_size.state_dict())
+    assert by_size.group_sizes == (8, 8, 7, 7)
+    x = torch.randn(3, 30, 4, 4, dtype=F64)
+    torch.testing.assert_close(by_size(x), by_count(x))
+
+
 def test_errors_name_the_problem():
-    with pytest.raises(UserError, match=r"G=9 > C_in=8.*expected 1 <= G <= 8"):
+    with pytest.raises(UserError, match=r"fbn_groups=9 is more than the 8 input.*1 <= G <= 8"):
         FBNConv2d(8, 4, 1, fbn_groups=9)
-    with pytest.raises(UserError, match=r"fbn_groups=0: expected an int G with 1 <= G <= C_in=8"):
+    with pytest.raises(UserError, match=r"fbn_groups=0 is invalid: expected an int G with 1 <= G"):
         FBNConv2d(8, 4, 1, fbn_groups=0)
-    with pytest.raises(UserError, match=r"channels_per_group=3 must divide C_in=8"):
-        FBNConv2d(8, 4, 1, channels_per_group=3)
-    with pytest.raises(UserError, match=r"disagree"):
-        FBNConv2d(8, 4, 1, fbn_groups=4, channels_per_group=4)
+    with pytest.raises(UserError, match=r"fbn_groups=True is invalid"):
+        FBNConv2d(8, 4, 1, fbn_groups=True)
+    with pytest.raises(UserError, match=r"channels_per_group=0 is invalid: expected an int >= 1"):
+        FBNConv2d(8, 4, 1, channels_per_group=0)
+    with pytest.raises(UserError, match=r"fbn_groups=2 and channels_per_group=4.*only one"):
+        FBNConv2d(8, 4, 1, fbn_groups=2, channels_per_group=4)
+    with pytest.raises(
+        UserError, match=r"kernel_size=\(1, 2, 3\) is invalid: expected an int or a"
+    ):
+        FBNConv2d(8, 4, (1, 2, 3))
+    with pytest.raises(UserError, match=r"affine=1 is invalid: expected true or false"):
+        FBNConv2d(8, 4, 1, affine=1)
+    with pytest.raises(UserError, match=r"momentum=2 is invalid"):
+        FBNConv2d(8, 4, 1, momentum=2)
     with pytest.raises(UserError, match=r"depthwise/grouped convs have nothing to group"):
         FBNConv2d(8, 8, 3, groups=8)
     with pytest.raises(UserError, match=r"impl='naiv'.*did you mean 'naive'"):
