@@ -16,12 +16,14 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from lightnets.errors import UserError, did_you_mean
+from lightnets.registry import Registry
 
 DatasetFactory = Callable[..., Dataset]
 #: describe_loading(split, **options) -> what the loader does to each image (random crops
 #: done per image while loading, e.g. the folder dataset's RandomResizedCrop), as augment ops
 LoadingDescription = Callable[..., list]
-_DATASETS: dict[str, DatasetFactory] = {}
+#: Dataset factories by name.
+DATASETS: Registry[DatasetFactory] = Registry("dataset")
 _INFO: dict[str, dict[str, Any]] = {}
 _LOADING: dict[str, LoadingDescription] = {}
 
@@ -39,9 +41,7 @@ def register_dataset(
     """
 
     def decorator(fn: DatasetFactory) -> DatasetFactory:
-        if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} is registered twice")
-        _DATASETS[name] = fn
+        DATASETS.add(name, fn)
         _INFO[name] = dict(info or {})
         if loading is not None:
             _LOADING[name] = loading
@@ -52,30 +52,19 @@ def register_dataset(
 
 def dataset_info(name: str) -> dict[str, Any]:
     """Facts about dataset `name` known without reading data (may be empty, e.g. a folder)."""
-    if name not in _DATASETS:
-        _unknown_dataset(name)
-    return dict(_INFO[name])
+    return dict(_INFO[DATASETS.key(name)])
 
 
 def describe_loading(name: str, split: str | None, **options: Any) -> list:
     """The random per-image ops dataset `name` applies while loading `split` (as augment ops,
     e.g. [{"random_resized_crop": {...}}]); [] when it only decodes."""
-    if name not in _DATASETS:
-        _unknown_dataset(name)
-    describe = _LOADING.get(name)
+    describe = _LOADING.get(DATASETS.key(name))
     return list(describe(split, **options)) if describe is not None else []
-
-
-def _unknown_dataset(name: str) -> None:
-    names = list_datasets()
-    raise UserError(
-        f"unknown dataset {name!r}{did_you_mean(name, names)}: expected one of {', '.join(names)}"
-    )
 
 
 def list_datasets() -> list[str]:
     """Sorted names of all registered datasets."""
-    return sorted(_DATASETS)
+    return DATASETS.names()
 
 
 def load_dataset(
@@ -86,9 +75,7 @@ def load_dataset(
     Every returned dataset has `num_classes`, `in_chans`, `classes`, `mean`, `std`,
     `image_size` (None when images differ in size) and `targets` (int64 labels).
     """
-    if name not in _DATASETS:
-        _unknown_dataset(name)
-    factory = _DATASETS[name]
+    factory = DATASETS.lookup(name)
     mean, std = kw.pop("mean", None), kw.pop("std", None)
     params = inspect.signature(factory).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightnets.errors import UserError, did_you_mean
+from lightnets.registry import Registry
 
 __all__ = [
     "MODES",
@@ -224,13 +225,10 @@ def magnitude_aware_sign(w: Tensor, clip_value: float | None = 1.0) -> Tensor:
     return ste_sign(w, clip_value) * scale.reshape(-1, *([1] * (w.dim() - 1)))
 
 
-QUANTIZERS: dict[str, Quantizer] = {
-    "ste_sign": ste_sign,
-    "approx_sign": approx_sign,
-    "stochastic_sign": stochastic_sign,
-    "swish_sign": swish_sign,
-    "magnitude_aware_sign": magnitude_aware_sign,
-}
+#: The quantizers layers accept by name.
+QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
+for _fn in (ste_sign, approx_sign, stochastic_sign, swish_sign, magnitude_aware_sign):
+    QUANTIZERS.add(_fn.__name__, _fn)
 #: Quantizers for weights only: a per-output-channel scale has no meaning for activations.
 KERNEL_ONLY_QUANTIZERS = frozenset({"magnitude_aware_sign"})
 #: Quantizers whose eval forward is the plain sign (sign(0) = +1): +1/-1 values.
@@ -247,12 +245,7 @@ def get_quantizer(spec: QuantizerSpec) -> Quantizer:
     if spec is None:
         return _identity
     if isinstance(spec, str):
-        if spec not in QUANTIZERS:
-            raise UserError(
-                f"unknown quantizer {spec!r}{did_you_mean(spec, list(QUANTIZERS))}: "
-                f"expected one of {', '.join(QUANTIZERS)}, a callable, or None"
-            )
-        return QUANTIZERS[spec]
+        return QUANTIZERS.lookup(spec, also="a callable, or None")
     if callable(spec):
         return spec
     raise UserError(

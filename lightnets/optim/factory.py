@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightnets.errors import UserError, did_you_mean
+from lightnets.errors import UserError
+from lightnets.registry import Registry
 
 __all__ = [
     "NORM_LAYER_TYPES",
@@ -35,7 +36,8 @@ NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = (
 _NORM_PARAM_SUFFIXES = ("norm_weight", "norm_bias")
 
 OptimizerBuilder = Callable[..., torch.optim.Optimizer]
-_REGISTRY: dict[str, OptimizerBuilder] = {}
+#: Optimizer builders by lower-case name (names are case-insensitive).
+OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimizer", normalize=str.lower)
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -105,20 +107,12 @@ def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuild
     `options` holds every keyword of `build_optimizer` (momentum, nesterov, weight_decay,
     betas, eps, ...) plus `model` (the module, or None), so a builder can pick what it needs.
     """
-    key = name.lower()
-
-    def decorator(builder: OptimizerBuilder) -> OptimizerBuilder:
-        if key in _REGISTRY and _REGISTRY[key] is not builder:
-            raise ValueError(f"optimizer {name!r} is already registered")
-        _REGISTRY[key] = builder
-        return builder
-
-    return decorator
+    return OPTIMIZERS.register(name.lower())
 
 
 def list_optimizers() -> list[str]:
     """Names `build_optimizer` accepts, sorted."""
-    return sorted(_REGISTRY)
+    return OPTIMIZERS.names()
 
 
 def build_optimizer(
@@ -142,12 +136,7 @@ def build_optimizer(
     need a module). A module's +1/-1 weights of binary layers in bop mode must be excluded:
     a real-valued step would make them real (`build_binary_optimizer` gives them to Bop).
     """
-    key = str(name).lower()
-    if key not in _REGISTRY:
-        raise UserError(
-            f"unknown optimizer {name!r}{did_you_mean(key, list_optimizers())}: "
-            f"expected one of {', '.join(list_optimizers())}"
-        )
+    key = OPTIMIZERS.key(name)
     _check_number("lr", lr, positive=True)
     for what, value in (
         ("weight_decay", weight_decay),
@@ -179,7 +168,7 @@ def build_optimizer(
                 )
     if not params or all(isinstance(g, dict) and not list(g["params"]) for g in params):
         raise UserError("the model has no trainable parameters: expected at least one")
-    return _REGISTRY[key](
+    return OPTIMIZERS[key](
         params,
         float(lr),
         model=model,

@@ -73,9 +73,9 @@ def test_register_dataset():
         ds = load_dataset("_tiny_for_test", n=6)
         assert len(ds) == 6 and ds.in_chans == 2 and ds.num_classes == 2
         with pytest.raises(ValueError, match="registered twice"):
-            register_dataset("_tiny_for_test")(tiny)
+            register_dataset("_tiny_for_test")(lambda root=None, split="train": None)
     finally:
-        registry_module._DATASETS.pop("_tiny_for_test")
+        registry_module.DATASETS.remove("_tiny_for_test")
 
 
 def _all_datasets(files, tmp_path):

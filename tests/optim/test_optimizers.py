@@ -197,7 +197,7 @@ def test_no_trainable_parameters():
 
 
 def test_register_optimizer(monkeypatch):
-    monkeypatch.setattr(factory, "_REGISTRY", dict(factory._REGISTRY))
+    monkeypatch.setattr(factory.OPTIMIZERS, "_items", dict(factory.OPTIMIZERS))
     seen = {}
 
     @register_optimizer("MySGD")
@@ -210,5 +210,5 @@ def test_register_optimizer(monkeypatch):
     assert isinstance(opt, torch.optim.SGD) and "mysgd" in list_optimizers()
     assert seen["model"] is net and seen["options"]["norm_weight_decay"] == 0.0
     assert [g["name"] for g in opt.param_groups] == ["weight+bias", "norm"]
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match="registered twice"):
         register_optimizer("mysgd")(lambda params, lr, **kw: None)
