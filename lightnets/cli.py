@@ -18,15 +18,19 @@ from pathlib import Path
 
 from lightnets.commands import add_set_option
 from lightnets.errors import StorageError, UserError
+from lightnets.registry import Registry
 
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {}
+#: Subcommands: name -> (help, add_arguments(parser), run(args) -> exit code).
+COMMANDS: Registry[tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = Registry(
+    "command"
+)
 
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
     """Decorator: register `fn(args) -> int | None` as subcommand `name`."""
 
     def wrap(fn: Callable) -> Callable:
-        COMMANDS[name] = (help, add_arguments, fn)
+        COMMANDS.add(name, (help, add_arguments, fn))
         return fn
 
     return wrap
