@@ -3,22 +3,20 @@
 Each command module defines `add_<name>_arguments(parser)` and `<name>_command(args) -> int`;
 cli.py registers them. The helpers here turn what a user types into models and input sizes:
 a checkpoint or run dir into the model it holds, `--input 224` / `--input 1,3,224,224` into
-an input shape, `--set key=value` into typed keyword arguments.
+an input shape. `--set key=value` (lightnets.overrides) and `load_checkpoint_model`
+(lightnets.engine.checkpoint) live below the commands, since the experiments use them too;
+they are re-exported here.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
+from lightnets.engine.checkpoint import load_checkpoint_model
 from lightnets.errors import UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from lightnets.overrides import add_set_option, parse_kwargs, parse_literal
 
 __all__ = [
     "add_set_option",
@@ -30,36 +28,6 @@ __all__ = [
     "parse_literal",
     "resolve_checkpoint_path",
 ]
-
-
-def add_set_option(parser: Any, help: str, dest: str = "overrides") -> None:
-    """The repeatable `--set KEY=VALUE` option every command with overrides takes."""
-    parser.add_argument(
-        "--set", dest=dest, action="append", default=[], metavar="KEY=VALUE", help=help
-    )
-
-
-def parse_literal(text: str) -> Any:
-    """A TOML literal (int, float, bool, string, array, inline table) or, failing that, the text.
-
-    "4" -> 4, "0.5" -> 0.5, "true" -> True, '"bn"' -> "bn", "bn" -> "bn", "[1, 2]" -> [1, 2].
-    """
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def parse_kwargs(items: list[str] | None, what: str = "--set") -> dict[str, Any]:
-    """["fbn_groups=4", "cifar_stem=true"] -> {"fbn_groups": 4, "cifar_stem": True}."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise UserError(f"{what} {item!r}: expected KEY=VALUE, e.g. fbn_groups=4")
-        out[key] = parse_literal(value.strip())
-    return out
 
 
 def parse_input_size(text: str | None, in_chans: int = 3) -> tuple[int, ...] | None:
@@ -91,33 +59,6 @@ def resolve_checkpoint_path(path: str | Path, best: bool = False) -> Path:
     if path.is_dir():
         return path / ("best.pt" if best else "last.pt")
     return path
-
-
-def load_checkpoint_model(path: str | Path, overrides: dict[str, Any] | None = None):
-    """(model, checkpoint) from a lightnets checkpoint: rebuilt by name, weights loaded strictly.
-
-    With `overrides` (model kwargs replacing the checkpoint's), the weights are loaded only if
-    they still fit; a model that no longer fits them is returned with its initial weights.
-    """
-    from lightnets.engine.checkpoint import load_checkpoint, load_model_state
-    from lightnets.models.registry import create_model
-
-    ckpt = load_checkpoint(path)
-    name, args = ckpt.get("model_name"), ckpt.get("model_args")
-    if not isinstance(name, str) or not isinstance(args, dict) or "model" not in ckpt:
-        raise UserError(
-            f"checkpoint {ckpt['path']} has no model_name / model_args / model: expected a "
-            "checkpoint written by `lightnets train`"
-        )
-    model = create_model(name, **{**args, **(overrides or {})})
-    if overrides:
-        try:
-            load_model_state(model, ckpt["model"], ckpt["path"])
-        except UserError:
-            pass  # different architecture: the profile does not depend on the weights
-    else:
-        load_model_state(model, ckpt["model"], ckpt["path"])
-    return model, ckpt
 
 
 def checkpoint_input_size(ckpt: dict[str, Any]) -> tuple[int, ...]:

@@ -16,12 +16,14 @@ import torch
 
 from lightnets.errors import UserError
 from lightnets.files import atomic_torch_save, load_model_state, read_weights_only
+from lightnets.models.registry import create_model
 
 __all__ = [
     "FORMAT",
     "VERSION",
     "atomic_torch_save",
     "load_checkpoint",
+    "load_checkpoint_model",
     "load_model_state",
     "read_weights_only",
     "rng_state",
@@ -49,6 +51,30 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     ckpt["path"] = str(path)
     return ckpt
+
+
+def load_checkpoint_model(path: str | Path, overrides: dict[str, Any] | None = None):
+    """(model, checkpoint) from a lightnets checkpoint: rebuilt by name, weights loaded strictly.
+
+    With `overrides` (model kwargs replacing the checkpoint's), the weights are loaded only if
+    they still fit; a model that no longer fits them is returned with its initial weights.
+    """
+    ckpt = load_checkpoint(path)
+    name, args = ckpt.get("model_name"), ckpt.get("model_args")
+    if not isinstance(name, str) or not isinstance(args, dict) or "model" not in ckpt:
+        raise UserError(
+            f"checkpoint {ckpt['path']} has no model_name / model_args / model: expected a "
+            "checkpoint written by `lightnets train`"
+        )
+    model = create_model(name, **{**args, **(overrides or {})})
+    if overrides:
+        try:
+            load_model_state(model, ckpt["model"], ckpt["path"])
+        except UserError:
+            pass  # different architecture: the profile does not depend on the weights
+    else:
+        load_model_state(model, ckpt["model"], ckpt["path"])
+    return model, ckpt
 
 
 def rng_state() -> dict[str, Any]:

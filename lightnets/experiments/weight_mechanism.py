@@ -33,7 +33,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lightnets.commands import add_set_option
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
 from lightnets.experiments.base import (
@@ -46,6 +45,7 @@ from lightnets.experiments.base import (
     write_text,
 )
 from lightnets.experiments.plan import PaperSetting
+from lightnets.overrides import add_set_option
 
 #: Table I (W_BN ~ N(0, 1)): params, GFLOPs, mIoU, pixel acc., mean acc. (fractions as printed).
 PAPER_TABLE1: dict[str, dict[str, Any]] = {
@@ -557,7 +557,7 @@ def layer_stats(model) -> dict[str, dict[str, list]]:
 
 
 def _run_stats(run_dir: str | Path) -> dict[str, dict[str, list]] | None:
-    from lightnets.commands import load_checkpoint_model
+    from lightnets.engine.checkpoint import load_checkpoint_model
 
     path = Path(run_dir) / "last.pt"
     if not path.is_file():
