@@ -3,7 +3,7 @@
 Each command module defines `add_<name>_arguments(parser)` and `<name>_command(args) -> int`;
 cli.py registers them. The helpers here turn what a user types into models and input sizes:
 a checkpoint or run dir into the model it holds, `--input 224` / `--input 1,3,224,224` into
-an input shape. `--set key=value` (lightnets.overrides) and `load_checkpoint_model`
+an input shape. `--set key=value` (lightnets.engine.overrides) and `load_checkpoint_model`
 (lightnets.engine.checkpoint) live below the commands, since the experiments use them too;
 they are re-exported here.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lightnets.engine.checkpoint import load_checkpoint_model
+from lightnets.engine.overrides import add_set_option, parse_kwargs, parse_literal
 from lightnets.errors import UserError
-from lightnets.overrides import add_set_option, parse_kwargs, parse_literal
 
 __all__ = [
     "add_set_option",

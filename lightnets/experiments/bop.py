@@ -33,6 +33,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lightnets.engine.overrides import add_set_option
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
 from lightnets.experiments.base import (
@@ -43,7 +44,6 @@ from lightnets.experiments.base import (
     write_text,
 )
 from lightnets.experiments.plan import PaperSetting
-from lightnets.overrides import add_set_option
 
 #: [Re] Table 1 (MNIST, 10 random initializations): mean accuracy and its variance.
 PAPER_TABLE1: dict[str, tuple[float, float]] = {

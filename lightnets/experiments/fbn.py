@@ -37,11 +37,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from lightnets.engine.overrides import add_set_option
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
 from lightnets.experiments.base import int_list, plan_spec, toml_string
 from lightnets.experiments.plan import PaperSetting
-from lightnets.overrides import add_set_option
 
 # The paper's numbers, copied verbatim (top-1 accuracy in %, test set).
 #: Table 5: Finet (large) on CIFAR-10/100, [dataset][affine][G].

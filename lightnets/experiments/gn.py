@@ -50,6 +50,7 @@ from typing import Any
 from lightnets.data.registry import dataset_info
 from lightnets.engine.callbacks import Callback
 from lightnets.engine.distributed import env_world_size
+from lightnets.engine.overrides import add_set_option
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
 from lightnets.experiments.base import (
@@ -62,7 +63,6 @@ from lightnets.experiments.base import (
     write_text,
 )
 from lightnets.experiments.plan import PaperSetting
-from lightnets.overrides import add_set_option
 
 # ResNet-50, ImageNet val top-1 error (%), 32 images/GPU unless a batch column says otherwise.
 #: Table 2 (and Table 1 for LN / IN at 32, the text for BRN at 4): [norm][images per worker].

@@ -33,6 +33,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lightnets.engine.overrides import add_set_option
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
 from lightnets.experiments.base import (
@@ -45,7 +46,6 @@ from lightnets.experiments.base import (
     write_text,
 )
 from lightnets.experiments.plan import PaperSetting
-from lightnets.overrides import add_set_option
 
 #: Table I (W_BN ~ N(0, 1)): params, GFLOPs, mIoU, pixel acc., mean acc. (fractions as printed).
 PAPER_TABLE1: dict[str, dict[str, Any]] = {
