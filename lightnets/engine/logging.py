@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from lightnets.files import atomic_write_bytes, storage_errors
 from lightnets.optional import available
 
@@ -278,8 +280,6 @@ class ProgressBar:
         self._bar = None
         if disable:
             return
-        from tqdm import tqdm
-
         stream = sys.stderr
         tty = hasattr(stream, "isatty") and stream.isatty()
         self.mininterval = mininterval if mininterval is not None else (0.5 if tty else 5.0)
@@ -301,15 +301,24 @@ class ProgressBar:
         """Images per second of wall time since the bar was created."""
         return self.images / max(time.perf_counter() - self.start, 1e-9)
 
+    def due(self) -> bool:
+        """The next `update` shows new values: it is a refresh (`mininterval` seconds since
+        the last, or the bar's last step), where reading device values is expected."""
+        if self._bar is None:
+            return False
+        last = self._bar.total is not None and self._bar.n + 1 >= self._bar.total
+        return time.perf_counter() - self._last_postfix >= self.mininterval or last
+
     def update(self, n_images: int = 0, **postfix: Any) -> None:
-        """One step of `n_images` images; `postfix` values (loss=..., acc=...) are shown."""
+        """One step of `n_images` images; `postfix` values (loss=..., acc=...) are shown.
+
+        Values are read only when the bar refreshes (every `mininterval` seconds): a device
+        tensor or a callable (called then) waits for the device only at that rate."""
         self.images += int(n_images)
         if self._bar is None:
             return
-        now = time.perf_counter()
-        last = self._bar.total is not None and self._bar.n + 1 >= self._bar.total
-        if now - self._last_postfix >= self.mininterval or last:
-            self._last_postfix = now
+        if self.due():
+            self._last_postfix = time.perf_counter()
             shown = {k: _short(v) for k, v in postfix.items()}
             shown["img/s"] = f"{self.images_per_s:.0f}"
             self._bar.set_postfix(shown, refresh=False)
@@ -328,6 +337,8 @@ class ProgressBar:
 
 
 def _short(value: Any) -> str:
+    if callable(value):  # computed only when shown (it may wait for the device)
+        value = value()
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float):

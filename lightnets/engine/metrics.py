@@ -16,7 +16,14 @@ import torch.distributed as dist
 
 from lightnets.errors import UserError
 
-__all__ = ["ClassificationMeter", "SegmentationMeter", "accuracy", "topk_correct"]
+__all__ = [
+    "ClassificationMeter",
+    "SegmentationMeter",
+    "TrainSums",
+    "accuracy",
+    "correct_predictions",
+    "topk_correct",
+]
 
 
 def _labels(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -188,6 +195,7 @@ class SegmentationMeter:
         `loss` is the batch's mean loss over its non-ignored pixels; it is weighted by their
         number, so "loss" is the mean over every pixel of the set.
         """
+        # imported here: torchmetrics pulls in scipy (about a second), for segmentation only
         from torchmetrics.functional.classification import multiclass_confusion_matrix
 
         preds = self._predictions(output.detach(), target)
@@ -257,3 +265,77 @@ class SegmentationMeter:
 def _nanmean(values: torch.Tensor) -> float:
     keep = ~values.isnan()
     return float(values[keep].mean()) if bool(keep.any()) else math.nan
+
+
+def correct_predictions(
+    output: torch.Tensor, target: torch.Tensor, task: str, ignore_index: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """(correct, counted) top-1 predictions of a training batch, without a sync: images, or for
+    segmentation labelled pixels (`ignore_index`, -100 when unset, is what augmentation pads
+    with). `correct` is a device tensor; `counted` too for segmentation."""
+    hit = output.argmax(1) == target
+    if task == "classification":
+        return hit.sum(), target.shape[0]
+    valid = target != (-100 if ignore_index is None else ignore_index)
+    return (hit & valid).sum(), valid.sum()
+
+
+class TrainSums:
+    """An epoch's running training sums on the device: loss x samples, samples, correct and
+    counted predictions. Adding a step waits for nothing; `values()` reads them (one sync),
+    `reduced()` summed over ranks. Sums in float64 (float32 on MPS), so the epoch's mean
+    loss is the same as summing each step's float32 loss on the host."""
+
+    KEYS = ("loss", "n", "correct", "counted")
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.dtype = _sum_dtype(self.device)
+        self.sums = torch.zeros(len(self.KEYS), dtype=self.dtype, device=self.device)
+
+    def reset(self) -> None:
+        self.sums.zero_()
+
+    @torch.no_grad()
+    def add(
+        self,
+        loss: torch.Tensor,
+        n: int,
+        correct: torch.Tensor | int,
+        counted: torch.Tensor | int,
+    ) -> None:
+        """One step: its mean loss (a 0-dim tensor) over `n` samples, its correct and counted
+        predictions."""
+        sums = self.sums
+        sums[0] += loss.detach().to(self.dtype) * n
+        sums[1] += n
+        sums[2] += correct.to(self.dtype) if isinstance(correct, torch.Tensor) else correct
+        sums[3] += counted.to(self.dtype) if isinstance(counted, torch.Tensor) else counted
+
+    def values(self) -> dict[str, float]:
+        """The sums as floats (a sync), e.g. for a checkpoint."""
+        return dict(zip(self.KEYS, self.sums.tolist()))
+
+    def load(self, values: dict[str, float]) -> None:
+        """Take back `values()`; a checkpoint from before "counted" counted every sample."""
+        values = {**values, "counted": values.get("counted", values.get("n", 0.0))}
+        self.sums = torch.tensor(
+            [float(values.get(k, 0.0)) for k in self.KEYS], dtype=self.dtype, device=self.device
+        )
+
+    def reduced(self) -> dict[str, float]:
+        """The sums over all ranks (every rank must call it when distributed)."""
+        return dict(zip(self.KEYS, _all_reduce(self.sums).tolist()))
+
+    def accuracy(self) -> float:
+        """Correct predictions in percent of the counted ones, this rank (a sync)."""
+        correct, counted = self.sums[2:].tolist()
+        return correct / max(counted, 1) * 100
+
+    @staticmethod
+    def mean_loss(values: dict[str, float]) -> float:
+        return values["loss"] / max(values["n"], 1)
+
+    @staticmethod
+    def percent_correct(values: dict[str, float]) -> float:
+        return values["correct"] / max(values["counted"], 1) * 100

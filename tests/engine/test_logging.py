@@ -128,6 +128,26 @@ def test_progress_bar_not_a_tty(capsys):
     assert bar.images == 96 and bar.images_per_s > 0
 
 
+def test_progress_bar_reads_values_only_when_it_refreshes(capsys):
+    """A callable postfix value (the trainer's accuracy, which waits for the device) is called
+    at a refresh only: the first step, then every `mininterval` seconds, and the last step."""
+    calls = []
+
+    def acc() -> float:
+        calls.append(1)
+        return 50.0
+
+    bar = ProgressBar(total=10, desc="lazy", mininterval=3600)
+    dues = []
+    for _ in range(10):
+        dues.append(bar.due())
+        bar.update(8, acc=acc)
+    bar.close()
+    assert len(calls) == 2 and dues == [True] + [False] * 8 + [True]
+    assert "acc=50" in capsys.readouterr().err
+    assert not ProgressBar(total=3, disable=True).due()
+
+
 def test_progress_bar_disabled_and_resumed(capsys):
     bar = ProgressBar(total=3, desc="quiet", disable=True)
     bar.update(8, loss=1.0)
