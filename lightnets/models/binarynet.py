@@ -21,6 +21,7 @@ import math
 import torch
 from torch import nn
 
+from lightnets.checks import check_choice, check_int, check_number, check_positive
 from lightnets.errors import UserError
 from lightnets.models.registry import register_model
 from lightnets.nn.binary import MODES, BinaryConv2d, BinaryLinear
@@ -34,17 +35,10 @@ KERAS_BN_EPS = 1e-3
 
 
 def _check(name: str, mode: str, latent_init: str, init_scale: float, num_classes: int) -> None:
-    if mode not in MODES:
-        raise UserError(f"{name}: mode={mode!r} is unknown: expected one of {', '.join(MODES)}")
-    if latent_init not in LATENT_INITS:
-        raise UserError(
-            f"{name}: latent_init={latent_init!r} is unknown: expected one of "
-            f"{', '.join(LATENT_INITS)}"
-        )
-    if not (isinstance(init_scale, (int, float)) and init_scale > 0):
-        raise UserError(f"{name}: init_scale must be a number > 0, got {init_scale!r}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise UserError(f"{name}: num_classes must be an int >= 1, got {num_classes!r}")
+    check_choice(mode, "mode", name, MODES)
+    check_choice(latent_init, "latent_init", name, LATENT_INITS)
+    check_positive(init_scale, "init_scale", name)
+    check_int(num_classes, "num_classes", name)
 
 
 def init_latent_weights_(model: nn.Module, latent_init: str, init_scale: float = 1.0) -> None:
@@ -161,14 +155,10 @@ def bnn_mnist(
     `bn_momentum` 0.01 (Keras' momentum 0.99: an average over ~100 steps; runs much shorter
     than the paper's need a faster one) and `bn_eps` 1e-3."""
     _check("bnn_mnist", mode, latent_init, init_scale, num_classes)
-    if (
-        isinstance(bn_momentum, bool)
-        or not isinstance(bn_momentum, (int, float))
-        or not 0 < bn_momentum <= 1
-    ):
-        raise UserError(f"bnn_mnist: bn_momentum must be a number in (0, 1], got {bn_momentum!r}")
-    if isinstance(bn_eps, bool) or not isinstance(bn_eps, (int, float)) or not bn_eps > 0:
-        raise UserError(f"bnn_mnist: bn_eps must be a number > 0, got {bn_eps!r}")
+    bn_momentum = check_number(
+        bn_momentum, "bn_momentum", "bnn_mnist", minimum=0, maximum=1, open_minimum=True
+    )
+    bn_eps = check_positive(bn_eps, "bn_eps", "bnn_mnist")
     model = BinaryNet(
         (32, "M", 64, "M", 64, "M"),
         (64,),
@@ -181,8 +171,8 @@ def bnn_mnist(
         padding=0,
         pool_before_norm=False,
         bn_scale=bn_scale,
-        bn_momentum=float(bn_momentum),
-        bn_eps=float(bn_eps),
+        bn_momentum=bn_momentum,
+        bn_eps=bn_eps,
     )
     init_latent_weights_(model, latent_init, init_scale)
     return model

@@ -86,7 +86,7 @@ def test_bnn_mnist_batchnorm_is_keras_default():
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
     ]
     assert len(norms) == 5 and all(n.eps == 1e-3 and n.momentum == 0.01 for n in norms)
-    with pytest.raises(UserError, match="bn_eps must be a number > 0"):
+    with pytest.raises(UserError, match="bn_eps=0 is invalid: expected a finite number > 0"):
         create_model("bnn_mnist", bn_eps=0)
 
 
