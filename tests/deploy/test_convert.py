@@ -91,10 +91,15 @@ def test_one_group_changes_nothing_in_train_and_eval():
 @pytest.mark.parametrize("option", [{"fbn_groups": 4}, {"channels_per_group": 4}])
 def test_groups_keep_the_eval_output_train_and_fuse(option):
     original = _model(1).eval()
-    with pytest.warns(UserWarning, match=r"conv \(C_in=3"):  # the stem's 3 channels
+    if "fbn_groups" in option:
+        with pytest.warns(UserWarning, match=r"conv \(C_in=3"):  # the stem's 3 channels
+            converted = convert_norm(copy.deepcopy(original), "fbn", **option)
+        assert isinstance(converted.conv, nn.Conv2d) and isinstance(converted.bn, nn.BatchNorm2d)
+    else:  # 3 < 4 channels: one group of 3, G = max(1, 3 // 4), as the models and the layer
         converted = convert_norm(copy.deepcopy(original), "fbn", **option)
-    assert converted.layer2.conv2.fbn_groups == 4
-    assert isinstance(converted.conv, nn.Conv2d) and isinstance(converted.bn, nn.BatchNorm2d)
+        assert converted.conv.fbn_groups == 1
+    assert converted.layer2.conv2.fbn_groups == 4  # 16 // 4
+    assert converted.layer1.conv1.fbn_groups == (4 if "fbn_groups" in option else 2)  # 8 // 4
     x = torch.randn(4, 3, 8, 8)
     # the running statistics were shared out so that the eval output is unchanged
     torch.testing.assert_close(converted(x), original(x), rtol=1e-5, atol=1e-5)
@@ -168,6 +173,19 @@ def test_uneven_groups_keep_the_eval_output():
     assert converted[0].group_sizes == (2, 2, 1, 1)
     x = torch.randn(3, 6, 5, 5)
     torch.testing.assert_close(converted(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_per_group_rounds_as_the_layer_does():
+    """convert_norm's c means what FBNConv2d's and the models' c mean: G = max(1, C_in // c)
+    per conv; a c that does not divide C_in gives groups of c channels or one more."""
+    model = nn.Sequential(
+        nn.Conv2d(30, 8, 1, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+    ).eval()
+    converted = convert_norm(copy.deepcopy(model), "fbn", channels_per_group=7)
+    assert converted[0].fbn_groups == 4 and converted[0].group_sizes == (8, 8, 7, 7)
+    assert converted[2].fbn_groups == 1  # 8 // 7
+    x = torch.randn(2, 30, 3, 3)
+    torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_errors():
