@@ -1,37 +1,91 @@
 """Model registry: every model is built by name, so recipes and the CLI can refer to it.
 
+The families register their models when `lightnets.models` is imported, which Python does
+before it runs this module (a package's __init__ comes first), so the registry is complete
+whenever one of its functions is called and imports no family itself.
+
 Factories declare their keyword arguments; `create_model` checks the caller's keywords
 against that signature so a misspelled option is refused instead of silently ignored, and
 records the name and keywords on the model it returns (`model_spec(model)`; a plain attribute,
 so copies keep it), so that a file can name the model instead of pickling it.
+
+A family with several variants of one class (finet_small / finet_large / ..., resnet18 /
+resnet50 / resnet_mini) registers each with `register_variant`: one line naming the class, the
+arguments the variant fixes (widths, depths, ...) and its docstring, instead of a function that
+repeats every keyword argument of the class.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from lightnets.errors import UserError, did_you_mean
+from lightnets.registry import Registry
 
-_MODELS: dict[str, Callable[..., torch.nn.Module]] = {}
+#: Model factories by name.
+MODELS: Registry[Callable[..., torch.nn.Module]] = Registry("model")
 
 
 def register_model(fn: Callable[..., torch.nn.Module]) -> Callable[..., torch.nn.Module]:
     """Decorator: register a model factory under its function name."""
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"model {fn.__name__!r} is registered twice")
-    _MODELS[fn.__name__] = fn
-    return fn
+    return MODELS.add(fn.__name__, fn)
+
+
+def register_variant(
+    name: str,
+    build: Callable[..., torch.nn.Module],
+    doc: str,
+    *,
+    fixed: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> Callable[..., torch.nn.Module]:
+    """Register `name` as a variant of `build` (a model class or function) and return it.
+
+    Calling the variant builds ``build(**fixed, **options)``, plus ``name=name`` when build
+    takes a `name` (for its error messages). Its keyword arguments, the signature that
+    `create_model` checks keywords against and `model_arguments` shows, are build's in build's
+    order, less the `fixed` ones and `name`, with `defaults` replacing build's defaults; each of
+    them must have a default. Positional calls bind in that order, as a written-out function's.
+    """
+    fixed = dict(fixed or {})
+    defaults = dict(defaults or {})
+    params = inspect.signature(build).parameters
+    unknown = sorted((set(fixed) | set(defaults)) - set(params))
+    if unknown:
+        raise ValueError(f"variant {name!r}: {build.__name__} takes no {', '.join(unknown)}")
+    options = []
+    for p in params.values():
+        if p.name in fixed or p.name == "name":
+            continue
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise ValueError(f"variant {name!r}: {build.__name__} takes *args or **kwargs")
+        p = p.replace(default=defaults.get(p.name, p.default))
+        if p.default is p.empty:
+            raise ValueError(f"variant {name!r}: {p.name} has no default and is not fixed")
+        options.append(p)
+    signature = inspect.Signature(options, return_annotation="nn.Module")
+    named = {"name": name} if "name" in params else {}
+
+    def variant(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return build(**fixed, **named, **bound.arguments)
+
+    variant.__name__ = variant.__qualname__ = name
+    variant.__doc__ = doc
+    variant.__module__ = build.__module__
+    variant.__signature__ = signature  # type: ignore[attr-defined]
+    return register_model(variant)
 
 
 def list_models() -> list[str]:
     """Sorted names of all registered models."""
-    _load_builtin()
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def model_arguments(name: str) -> dict[str, inspect.Parameter]:
@@ -102,15 +156,4 @@ def model_spec(model: torch.nn.Module) -> tuple[str, dict[str, Any]] | None:
 
 
 def _factory(name: str) -> Callable[..., torch.nn.Module]:
-    _load_builtin()
-    if name not in _MODELS:
-        names = sorted(_MODELS)
-        raise UserError(
-            f"unknown model {name!r}{did_you_mean(name, names)}: expected one of {', '.join(names)}"
-        )
-    return _MODELS[name]
-
-
-def _load_builtin() -> None:
-    """Import the model families so their @register_model decorators run."""
-    import lightnets.models  # noqa: F401
+    return MODELS.lookup(name)
