@@ -17,6 +17,10 @@ class StorageError(OSError):
     names the file and says that what was there before is intact."""
 
 
+class ExportCheckError(RuntimeError):
+    """An exported file does not compute what the model computes (a bug, not a user error)."""
+
+
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
     """Return ' (did you mean X?)' when a close match exists, else ''."""
     import difflib

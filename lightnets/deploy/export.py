@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import math
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,8 +41,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightnets.errors import UserError
+from lightnets.deploy import lce
+from lightnets.deploy.fuse import fuse as fuse_model
+from lightnets.deploy.onnx_export import (
+    EXPORTERS,
+    export_onnx,
+    export_torchscript,
+    onnx_dynamic_axes,
+    other_size_hint,
+    run_file,
+)
+from lightnets.deploy.pack import pack_binary
+from lightnets.errors import ExportCheckError, UserError
 from lightnets.files import atomic_path, fsync_file
+from lightnets.nn.binary import is_binary_layer
+from lightnets.nn.packed import is_packed_layer, packed_weight_count
 from lightnets.optional import require
 
 __all__ = ["FORMATS", "SUFFIXES", "ExportCheckError", "ExportResult", "export", "format_for_path"]
@@ -53,11 +64,6 @@ FORMATS = ("onnx", "torchscript", "lce")
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".tflite": "lce"}
 #: Check inputs of an LCE export: a batch this large, free of near-ties (lightnets.deploy.lce).
 LCE_CHECK_BATCH = 16
-_EXPORTERS = ("auto", "legacy", "dynamo")
-
-
-class ExportCheckError(RuntimeError):
-    """The exported file does not compute what the model computes (a bug, not a user error)."""
 
 
 @dataclass(frozen=True)
@@ -141,15 +147,15 @@ def export(
     path = Path(path)
     fmt = _resolve_format(path, format)
     size = _check_size(input_size)
-    if exporter not in _EXPORTERS:
-        raise UserError(f"exporter={exporter!r}: expected one of {', '.join(_EXPORTERS)}")
+    if exporter not in EXPORTERS:
+        raise UserError(f"exporter={exporter!r}: expected one of {', '.join(EXPORTERS)}")
     if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
         raise UserError(f"opset={opset!r}: expected an int >= 7 or None (torch's default)")
     if dynamic_size and len(size) < 3:
         raise UserError(
             f"dynamic_size=True needs spatial axes after (N, C): input_size {_fmt_size(size)}"
         )
-    dynamic = _dynamic_axes(len(size), dynamic_batch, dynamic_size)
+    dynamic = onnx_dynamic_axes(len(size), dynamic_batch, dynamic_size)
     if fmt == "lce" and dynamic_size:
         raise UserError(
             "format 'lce' writes a fixed height and width (a flatten's weights depend on them): "
@@ -184,13 +190,13 @@ def export(
         _check_tensor_output(ref_out, model)
         params_unfused = _count_params(reference)
         params = _count_params(exported)
-        binary_weights = _packed_weight_count(exported)
+        binary_weights = packed_weight_count(exported)
 
     with atomic_path(path, replace=False) as tmp:
         if fmt == "onnx":
-            used, file_opset = _export_onnx(exported, x, tmp, opset, dynamic, exporter)
+            used, file_opset = export_onnx(exported, x, tmp, opset, dynamic, exporter)
         else:
-            used, file_opset = _export_torchscript(exported, x, tmp), None
+            used, file_opset = export_torchscript(exported, x, tmp), None
         diff_fused = diff_unfused = None
         if check:
             inputs = [x]
@@ -254,8 +260,6 @@ def _export_lce(
     seed: int,
 ) -> ExportResult:
     """format="lce": translate, convert with LCE's converter, check in LCE's interpreter."""
-    from lightnets.deploy import lce
-    from lightnets.nn.binary import is_binary_layer
 
     with _eval_mode(reference):
         _check_tensor_output(
@@ -312,22 +316,21 @@ def _clear_inputs(
     """LCE_CHECK_BATCH seeded random inputs with no near-tie (lightnets.deploy.lce), how many
     drawn inputs were left out, and how many of those returned still have near-ties (after 40
     batches without enough clear ones: the clearest drawn fill the batch)."""
-    from lightnets.deploy.lce import NEAR_TIE, tie_margins
 
     shape = (LCE_CHECK_BATCH, *size[1:])
     drawn, margins = [], []
     for i in range(40):
         x = _random_input(shape, seed + i)
         drawn.append(x)
-        margins.append(tie_margins(model, x))
-        clear = torch.cat(margins) > NEAR_TIE
+        margins.append(lce.tie_margins(model, x))
+        clear = torch.cat(margins) > lce.NEAR_TIE
         if int(clear.sum()) >= LCE_CHECK_BATCH:
             break
     inputs, margin = torch.cat(drawn), torch.cat(margins)
     order = torch.argsort(-margin, stable=True)[:LCE_CHECK_BATCH]
     chosen = torch.sort(order).values  # the clearest, in the order they were drawn
-    tied = int((margin[chosen] <= NEAR_TIE).sum())
-    skipped = int((margin <= NEAR_TIE).sum()) - tied
+    tied = int((margin[chosen] <= lce.NEAR_TIE).sum())
+    skipped = int((margin <= lce.NEAR_TIE).sum()) - tied
     return inputs[chosen], skipped, tied
 
 
@@ -386,9 +389,6 @@ def _fmt_size(size: Sequence[int]) -> str:
 
 def _prepare(model: nn.Module, fuse: bool) -> nn.Module:
     """The eval copy to export: binary layers packed, normalization folded when `fuse`."""
-    from lightnets.deploy.fuse import fuse as fuse_model
-    from lightnets.deploy.pack import pack_binary
-    from lightnets.nn.binary import is_binary_layer
 
     if any(is_binary_layer(m) for m in model.modules()):
         model = pack_binary(model, fold_bn=fuse)
@@ -425,7 +425,6 @@ def _random_input(size: tuple[int, ...], seed: int) -> torch.Tensor:
 def _count_params(model: nn.Module) -> int:
     """Parameters, counting each binary weight a packed layer holds as a bit (and its
     per-channel bias / scale / shift buffers) as one."""
-    from lightnets.nn.packed import is_packed_layer
 
     count = sum(p.numel() for p in model.parameters())
     for m in model.modules():
@@ -442,208 +441,6 @@ def _check_tensor_output(out: Any, model: nn.Module) -> None:
             f"model {type(model).__name__} returns {type(out).__name__}: export expects a "
             "model that returns one tensor"
         )
-
-
-@contextlib.contextmanager
-def _quiet_deprecations() -> Iterator[None]:
-    """Silence torch's deprecation notices for the legacy ONNX exporter and torch.jit."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\..*")
-        warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export internals
-        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", message=r".*feature will be removed.*")
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated.*")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        yield
-
-
-@contextlib.contextmanager
-def _quiet_loggers() -> Iterator[None]:
-    """Hide the exporter's per-call log lines (e.g. "torchvision is not installed. Skipping")."""
-    names = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch.export")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def _export_onnx(
-    model: nn.Module,
-    x: torch.Tensor,
-    path: Path,
-    opset: int | None,
-    dynamic: dict[int, str],
-    exporter: str,
-) -> tuple[str, int | None]:
-    errors = []
-    order = ["dynamo", "legacy"] if exporter == "auto" else [exporter]
-    for name in order:
-        try:
-            if name == "legacy":
-                _onnx_legacy(model, x, path, opset, dynamic)
-            else:
-                _onnx_dynamo(model, x, path, opset, dynamic)
-        except Exception as err:  # try the next exporter, report all if none works
-            errors.append(f"{name}: {type(err).__name__}: {str(err).strip()[:500]}")
-            continue
-        return name, _onnx_opset(path)
-    raise RuntimeError(
-        f"ONNX export of {type(model).__name__} failed with every exporter tried:\n"
-        + "\n".join(errors)
-    )
-
-
-def _dynamic_axes(ndim: int, batch: bool, spatial: bool) -> dict[int, str]:
-    """Input axes left symbolic in the file: {axis: name}."""
-    axes = {0: "batch"} if batch else {}
-    if spatial:
-        names = ("height", "width") if ndim == 4 else tuple(f"dim{i}" for i in range(2, ndim))
-        axes.update(zip(range(2, ndim), names))
-    return axes
-
-
-def _onnx_legacy(
-    model: nn.Module, x: torch.Tensor, path: Path, opset: int | None, dynamic: dict[int, str]
-) -> None:
-    axes = None
-    if dynamic:
-        with torch.no_grad():
-            out_ndim = model(x).ndim  # (N, classes) or a map (N, classes, H, W)
-        # the output's sizes get their own names: a strided model's map is not the input's size
-        out = {a: n if a == 0 else f"out_{n}" for a, n in dynamic.items() if a < out_ndim}
-        axes = {"input": dynamic, "output": out}
-    with _quiet_deprecations(), torch.no_grad():
-        torch.onnx.export(
-            model,
-            (x,),
-            str(path),
-            dynamo=False,
-            input_names=["input"],
-            output_names=["output"],
-            opset_version=opset,
-            dynamic_axes=axes,
-            # folding would store the unpacked +1/-1 weights of packed layers as float32
-            do_constant_folding=not _has_packed(model),
-        )
-
-
-def _packed_weight_count(model: nn.Module) -> int:
-    from lightnets.nn.packed import packed_weight_count
-
-    return packed_weight_count(model)
-
-
-def _has_packed(model: nn.Module) -> bool:
-    from lightnets.nn.packed import is_packed_layer
-
-    return any(is_packed_layer(m) for m in model.modules())
-
-
-def _onnx_dynamo(
-    model: nn.Module, x: torch.Tensor, path: Path, opset: int | None, dynamic: dict[int, str]
-) -> None:
-    if 0 in dynamic and x.shape[0] == 1:
-        x = x.expand(2, *x.shape[1:]).contiguous()  # torch.export specializes a size of 1
-    dims = {axis: torch.export.Dim(name) for axis, name in dynamic.items()}
-    shapes = (dims,) if dims else None
-    with _quiet_deprecations(), _quiet_loggers(), torch.no_grad():
-        program = torch.onnx.export(
-            model,
-            (x,),
-            dynamo=True,
-            verbose=False,
-            input_names=["input"],
-            output_names=["output"],
-            opset_version=opset,
-            dynamic_shapes=shapes,
-            # the optimizer's constant folding would store packed weights as float32
-            optimize=not _has_packed(model),
-        )
-        program.save(str(path), external_data=False)
-    if _has_packed(model):
-        _strip_node_metadata(path)
-
-
-def _strip_node_metadata(path: Path) -> None:
-    """Drop the exporter's per-node debug metadata (stack traces, module paths): most of a
-    packed model's file otherwise (a 1-bit bnn_mnist: 350 kB of it, 39 kB without)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    for node in proto.graph.node:
-        del node.metadata_props[:]
-    onnx.save(proto, str(path))
-
-
-def _onnx_opset(path: Path) -> int | None:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    return None
-
-
-def _export_torchscript(model: nn.Module, x: torch.Tensor, path: Path) -> str:
-    with _quiet_deprecations(), torch.no_grad():
-        traced = torch.jit.trace(model, (x,), check_trace=False)
-        torch.jit.save(traced, str(path))
-    return "trace"
-
-
-def _run_file(path: Path, fmt: str, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    if fmt == "torchscript":
-        with _quiet_deprecations(), torch.no_grad():
-            loaded = torch.jit.load(str(path), map_location="cpu")
-            return _run_each(loaded, inputs, path, fmt)
-    ort = require("onnxruntime", "onnx", "checking an ONNX export (or check=False)")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, torch.get_num_threads())
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
-
-    return _run_each(run, inputs, path, fmt)
-
-
-def _run_each(run, inputs: list[torch.Tensor], path: Path, fmt: str) -> list[torch.Tensor]:
-    """Run every check input through the file; one that fails is an ExportCheckError."""
-    outs = []
-    for x in inputs:
-        try:
-            outs.append(run(x))
-        except Exception as err:  # onnxruntime's reason is its message's last line
-            reason = (str(err).strip().splitlines() or [""])[-1][:300]
-            raise ExportCheckError(
-                f"{fmt} export {path.name} fails on input {_fmt_size(x.shape)}"
-                f"{_other_size_hint(x, inputs[0])}: {type(err).__name__}: {reason}"
-            ) from None
-    return outs
-
-
-def _other_size_hint(x: torch.Tensor, first: torch.Tensor) -> str:
-    """Why a second check input may fail: the model fixes a size the file was told to free."""
-    if x.shape[0] != first.shape[0]:
-        return (
-            " (a batch size other than the traced one: if the model fixes its batch size, "
-            "export with dynamic_batch=False)"
-        )
-    if x.shape != first.shape:
-        return (
-            " (a height/width other than the traced one: the model fixes its input size "
-            "somewhere, e.g. a flatten or adaptive pooling to more than 1x1, which ONNX stores "
-            "with a fixed kernel; export without dynamic_size)"
-        )
-    return ""
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -668,7 +465,7 @@ def _check_file(
     rtol: float,
 ) -> tuple[float, float]:
     """Max abs differences of the file vs the fused and the unfused model; raise if too big."""
-    outs = _run_file(path, fmt, inputs)
+    outs = run_file(path, fmt, inputs)
     diff_fused = diff_unfused = 0.0
     for i, (x, out) in enumerate(zip(inputs, outs)):
         if i == 0:
@@ -680,7 +477,7 @@ def _check_file(
         if out.shape != fused_out.shape:
             raise ExportCheckError(
                 f"{fmt} export {path.name}: output shape {tuple(out.shape)} for {what}"
-                f"{_other_size_hint(x, inputs[0])} differs from PyTorch's "
+                f"{other_size_hint(x, inputs[0])} differs from PyTorch's "
                 f"{tuple(fused_out.shape)}"
             )
         d_fused, d_ref = _max_abs_diff(out, fused_out), _max_abs_diff(out, ref_out)

@@ -213,12 +213,12 @@ def test_dynamic_size_classifier(tmp_path, fmt):
 
 
 def test_mismatch_is_an_error_and_writes_nothing(tmp_path, monkeypatch):
-    real = export_module._run_file
+    real = export_module.run_file
 
     def off_by_a_bit(path, fmt, inputs):
         return [out + 1e-2 for out in real(path, fmt, inputs)]
 
-    monkeypatch.setattr(export_module, "_run_file", off_by_a_bit)
+    monkeypatch.setattr(export_module, "run_file", off_by_a_bit)
     path = tmp_path / "m.pt"
     model = create_model("mnist_cnn", width=4)
     with pytest.raises(ExportCheckError, match="does not match"):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lightnets as ln
-from lightnets.deploy import lce
+from lightnets.deploy import larq_model, lce
 from lightnets.errors import UserError
 from lightnets.nn import BinaryConv2d, BinaryLinear
 
@@ -49,7 +49,7 @@ def test_flatten_order_maps_keras_features_to_torch_features(c, h, w):
     ],
 )
 def test_tf_same_padding_against_hand_computed_cases(size, k, s, d, pad, same):
-    assert lce._pads_like_tf_same(size, k, s, d, pad) is same
+    assert larq_model.pads_like_tf_same(size, k, s, d, pad) is same
 
 
 def test_tie_margins_by_hand():

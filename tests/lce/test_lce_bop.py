@@ -13,7 +13,7 @@ from torch import nn
 
 pytest.importorskip("larq", reason='needs pip install "lightnets[lce]"')
 
-from lightnets.deploy.lce import _stack  # noqa: E402  (TensorFlow with Keras 2)
+from lightnets.deploy.larq_model import lce_stack  # noqa: E402  (TensorFlow with Keras 2)
 from lightnets.optim import Bop  # noqa: E402
 
 SHAPES = [(257, 256), (3, 3, 8, 16), (10,)]
@@ -21,7 +21,7 @@ SHAPES = [(257, 256), (3, 3, 8, 16), (10,)]
 
 @pytest.mark.parametrize("gamma, threshold, steps", [(1e-3, 1e-6, 300), (1e-2, 0.0, 100)])
 def test_bop_equals_larq_itself(gamma, threshold, steps):
-    stack = _stack()
+    stack = lce_stack()
     tf, lq = stack.tf, stack.lq
     rng = np.random.default_rng(0)
     start = [np.where(rng.standard_normal(s) < 0, -1.0, 1.0).astype(np.float32) for s in SHAPES]

@@ -15,7 +15,7 @@ from torch import nn
 pytest.importorskip("larq_compute_engine", reason='needs pip install "lightnets[lce]"')
 
 import lightnets as ln  # noqa: E402
-from lightnets.deploy import lce  # noqa: E402
+from lightnets.deploy import larq_model, lce  # noqa: E402
 from lightnets.deploy.export import ExportCheckError  # noqa: E402
 from lightnets.errors import UserError  # noqa: E402
 from lightnets.nn import BinaryConv2d, BinaryLinear  # noqa: E402
@@ -121,7 +121,7 @@ def test_exact_ties_are_left_out_of_the_check_and_counted(tmp_path):
 
 def test_a_wrong_translation_is_an_export_check_error(user_net, tmp_path, monkeypatch):
     """The check is not vacuous: corrupt the flatten order and the export refuses."""
-    monkeypatch.setattr(lce, "flatten_order", lambda c, h, w: None)
+    monkeypatch.setattr(larq_model, "flatten_order", lambda c, h, w: None)
     with pytest.raises(ExportCheckError, match="does not match the PyTorch model"):
         ln.export(user_net, tmp_path / "bad.tflite", (1, 3, 14, 14))
     assert not (tmp_path / "bad.tflite").exists()
