@@ -29,36 +29,40 @@ docs/finet-profile.md): the BN, G=2 and G=4 rows of the large model are reproduc
 - Conv5: 1x1 conv to 1024 + BN + ReLU; global average pool; dropout; FC1 1024 + ReLU;
   dropout; FC2 classifier (dropout 0.2 "in the last two fully connected layers").
 
-Options: `fbn_groups=1` with no `fbn_channels_per_group` is the BN baseline, built with plain
+Options follow the models' convention (`lightnets.models.norm_option`). `fbn_groups=1` with no
+`fbn_channels_per_group` and a norm other than "fbn" is the BN baseline, built with plain
 nn.Conv2d + norm layers (a standard network). Otherwise the block's 1x1 convs are FBNConv2d
-with G = fbn_groups, or G = floor(C_in / fbn_channels_per_group), at least 1, per layer (Table 6;
-the 24-input first block gets G = 1 for 20, 50 or 100 channels per group). A G that does not
-divide a layer's inputs splits them into groups whose sizes differ by at most one, e.g. the
-small model's 30-channel layers with G = 4 get groups of 8, 8, 7, 7 (Table 2 lists that
-configuration; the paper does not say how it split 30 channels into 4 groups); a G larger than
-a layer's inputs is a UserError. `affine` switches the affine
-transform of the normalization in the FBN positions (Table 5; in the baseline it applies to the
-BN that stands in those positions). `norm` is the kind of the non-FBN norm layers, made by
-`lightnets.nn.blocks.norm_layer` (`lightnets.nn.make_norm`: bn, sync_bn, frozen_bn, gn, ln, in,
-brn, none), with `norm_kwargs` passed to each (e.g. {"num_groups": 2}: GN's default G = 32
-does not divide Finet's 24/30/100-channel layers). The FBN convs stay FBN whatever `norm` is;
-with fbn_groups=1 (the baseline) every norm layer, those in the FBN positions included, is
-`norm`. `zero_init_last=True` zeroes the gamma of the last norm (conv2's, or its FBN
-`norm_weight`) of every block with a shortcut, so those blocks start as the identity (GN paper
-§4.1); kinds without a trainable gamma (frozen_bn, none) are left as they are.
+with G = fbn_groups, or G = max(1, C_in // fbn_channels_per_group) per layer (Table 6; the
+24-input first block gets G = 1 for 20, 50 or 100 channels per group), the layer's rule
+(`lightnets.nn.fbn.fbn_group_count`). A G that does not divide a layer's inputs splits them
+into groups whose sizes differ by at most one, e.g. the small model's 30-channel layers with
+G = 4 get groups of 8, 8, 7, 7 (Table 2 lists that configuration; the paper does not say how it
+split 30 channels into 4 groups); a G larger than a layer's inputs is a UserError naming the
+layer. `affine` switches the affine transform of the normalization in the FBN positions
+(Table 5; in the baseline it applies to the norm that stands in those positions). `norm` is the
+kind of the other norm layers (bn, sync_bn, frozen_bn, gn, ln, in, brn, none; BN for "fbn"),
+with `norm_kwargs` passed to each (e.g. {"num_groups": 2}: GN's default G = 32 does not divide
+Finet's 24/30/100-channel layers); with the baseline every norm layer, those in the FBN
+positions included, is `norm`. `zero_init_last=True` zeroes the gamma of the last norm (conv2's,
+or its FBN `norm_weight`) of every block with a shortcut, so those blocks start as the identity
+(GN paper §4.1); kinds without a trainable gamma (frozen_bn, none) are left as they are.
+
+The registered variants (`VARIANTS`: finet_small, finet_large and their Squeeze-Excite
+versions) are `Finet` with fixed widths and SE, registered by `register_variant`.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from lightnets.errors import UserError
-from lightnets.models.registry import register_model
-from lightnets.nn.blocks import ConvNormAct, SqueezeExcite, fbn_groups_for
+from lightnets.checks import check_int, check_number
+from lightnets.models.norm_option import model_norms
+from lightnets.models.registry import register_variant
+from lightnets.nn.blocks import ConvNormAct, SqueezeExcite
+from lightnets.nn.fbn import FBNConv2d
 from lightnets.nn.norm import NormSpec
 
 SMALL_WIDTHS = (30, 60, 120)
@@ -72,7 +76,9 @@ SE_HIDDEN = 200
 class FinetBlock(nn.Module):
     """1x1 conv+FBN+ReLU -> 3x3 depthwise+BN -> 1x1 conv+FBN+ReLU -> [SE] -> [+ identity].
 
-    `fbn_groups` is a pair (G of conv1, G of conv2); None for a plain conv + norm.
+    `pointwise_norm` is the norm of the two 1x1 convs (the FBN positions: an fbn `NormSpec`, or
+    a plain kind), `norm` that of the depthwise conv; `affine` applies to the pointwise norms.
+    `where` names the block in errors.
     """
 
     def __init__(
@@ -80,24 +86,24 @@ class FinetBlock(nn.Module):
         in_channels: int,
         out_channels: int,
         stride: int = 1,
-        fbn_groups: tuple[int | None, int | None] = (None, None),
+        norm: str | NormSpec = "bn",
+        pointwise_norm: str | NormSpec | None = None,
         se_hidden: int | None = None,
-        norm: str = "bn",
         affine: bool = True,
-        fbn_impl: str = "auto",
+        where: str = "FinetBlock",
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
+        pointwise = norm if pointwise_norm is None else pointwise_norm
         self.conv1 = ConvNormAct(
             in_channels,
             out_channels,
             1,
-            norm=norm,
+            norm=pointwise,
             affine=affine,
-            fbn_groups=fbn_groups[0],
-            fbn_impl=fbn_impl,
+            where=f"{where}.conv1 (1x1 conv {in_channels}->{out_channels})",
         )
         self.dw = ConvNormAct(
             out_channels, out_channels, 3, stride, groups=out_channels, norm=norm, act=False
@@ -106,10 +112,9 @@ class FinetBlock(nn.Module):
             out_channels,
             out_channels,
             1,
-            norm=norm,
+            norm=pointwise,
             affine=affine,
-            fbn_groups=fbn_groups[1],
-            fbn_impl=fbn_impl,
+            where=f"{where}.conv2 (1x1 conv {out_channels}->{out_channels})",
         )
         self.se = SqueezeExcite(out_channels, se_hidden) if se_hidden else None
         self.use_shortcut = stride == 1 and in_channels == out_channels
@@ -151,58 +156,46 @@ class Finet(nn.Module):
         name: str = "finet",
     ) -> None:
         super().__init__()
-        _check_int(num_classes, "num_classes", name)
-        _check_int(in_chans, "in_chans", name)
-        _check_int(fbn_groups, "fbn_groups", name)
-        if fbn_channels_per_group is not None and fbn_groups != 1:
-            raise UserError(
-                f"{name}: give fbn_groups or fbn_channels_per_group, not both "
-                f"(got {fbn_groups} and {fbn_channels_per_group})"
-            )
-        if not 0.0 <= float(drop_rate) < 1.0:
-            raise UserError(f"{name}: drop_rate must be in [0, 1), got {drop_rate!r}")
+        check_int(num_classes, "num_classes", name)
+        check_int(in_chans, "in_chans", name)
+        drop_rate = check_number(
+            drop_rate, "drop_rate", name, minimum=0, maximum=1, open_maximum=True
+        )
         if len(widths) != len(depths):
             raise ValueError("widths and depths must have the same length")
-        use_fbn = fbn_groups != 1 or fbn_channels_per_group is not None
-        if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
-            raise UserError(
-                f"{name}: norm_kwargs={norm_kwargs!r} is invalid: expected a table (dict) of "
-                "options for the norm layers, e.g. {num_groups = 2}"
-            )
-        if norm_kwargs:
-            norm = NormSpec(norm, dict(norm_kwargs))
-
-        def groups_of(cin: int, where: str) -> int | None:
-            if not use_fbn:
-                return None
-            return fbn_groups_for(cin, fbn_groups, fbn_channels_per_group, f"{name} {where}")
-
+        norms = model_norms(
+            name,
+            norm,
+            norm_kwargs,
+            fbn_groups=fbn_groups,
+            fbn_channels_per_group=fbn_channels_per_group,
+            fbn_impl=fbn_impl,
+        )
         self.num_classes = num_classes
-        self.conv1 = ConvNormAct(in_chans, STEM_CHANNELS, 3, 1 if cifar_stem else 2, norm=norm)
+        self.conv1 = ConvNormAct(
+            in_chans, STEM_CHANNELS, 3, 1 if cifar_stem else 2, norm=norms.plain, where=name
+        )
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
         cin = STEM_CHANNELS
         for s, (width, depth) in enumerate(zip(widths, depths), start=2):
             blocks = []
             for i in range(depth):
-                where = f"stage{s}.{i}"
-                g1 = groups_of(cin, f"{where}.conv1 (1x1 conv {cin}->{width})")
-                g2 = groups_of(width, f"{where}.conv2 (1x1 conv {width}->{width})")
                 blocks.append(
                     FinetBlock(
                         cin,
                         width,
                         stride=2 if i == 0 else 1,
-                        fbn_groups=(g1, g2),
+                        norm=norms.plain,
+                        pointwise_norm=norms.fbn_positions,
                         se_hidden=se_hidden,
-                        norm=norm,
                         affine=affine,
-                        fbn_impl=fbn_impl,
+                        where=f"{name} stage{s}.{i}",
                     )
                 )
                 cin = width
             self.add_module(f"stage{s}", nn.Sequential(*blocks))
         self.num_stages = len(widths)
-        self.conv5 = ConvNormAct(cin, HEAD_CHANNELS, 1, norm=norm)
+        self.conv5 = ConvNormAct(cin, HEAD_CHANNELS, 1, norm=norms.plain, where=name)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop1 = nn.Dropout(drop_rate)
         self.fc1 = nn.Linear(HEAD_CHANNELS, HEAD_CHANNELS)
@@ -212,10 +205,8 @@ class Finet(nn.Module):
         self._init_weights(zero_init_last)
 
     def _init_weights(self, zero_init_last: bool = False) -> None:
-        fbn_mod = sys.modules.get("lightnets.nn.fbn")
-        fbn_cls = getattr(fbn_mod, "FBNConv2d", None) if fbn_mod is not None else None
         for m in self.modules():
-            if isinstance(m, nn.Conv2d) or (fbn_cls is not None and isinstance(m, fbn_cls)):
+            if isinstance(m, (nn.Conv2d, FBNConv2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
@@ -248,136 +239,38 @@ class Finet(nn.Module):
         return self.fc2(self.drop2(x))
 
 
-def _check_int(value: object, what: str, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name}: {what} must be an int >= 1, got {value!r}")
-
-
-@register_model
-def finet_small(
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    fbn_groups: int = 1,
-    fbn_channels_per_group: int | None = None,
-    affine: bool = True,
-    fbn_impl: str = "auto",
-    cifar_stem: bool = False,
-    norm: str = "bn",
-    drop_rate: float = 0.2,
-    norm_kwargs: dict | None = None,
-    zero_init_last: bool = False,
-) -> nn.Module:
-    """Small Finet (widths 30/60/120): 42.6M FLOPs, 2.39M parameters in the paper."""
-    return Finet(
+#: The registered Finet variants: (widths per stage, Squeeze-Excite hidden units, docstring).
+VARIANTS: dict[str, tuple[tuple[int, ...], int | None, str]] = {
+    "finet_small": (
         SMALL_WIDTHS,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        fbn_groups=fbn_groups,
-        fbn_channels_per_group=fbn_channels_per_group,
-        affine=affine,
-        fbn_impl=fbn_impl,
-        cifar_stem=cifar_stem,
-        norm=norm,
-        drop_rate=drop_rate,
-        norm_kwargs=norm_kwargs,
-        zero_init_last=zero_init_last,
-        name="finet_small",
-    )
-
-
-@register_model
-def finet_large(
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    fbn_groups: int = 1,
-    fbn_channels_per_group: int | None = None,
-    affine: bool = True,
-    fbn_impl: str = "auto",
-    cifar_stem: bool = False,
-    norm: str = "bn",
-    drop_rate: float = 0.2,
-    norm_kwargs: dict | None = None,
-    zero_init_last: bool = False,
-) -> nn.Module:
-    """Large Finet (widths 100/200/400): 301.8M FLOPs, 4.43M parameters in the paper."""
-    return Finet(
+        None,
+        "Small Finet (widths 30/60/120): 42.6M FLOPs, 2.39M parameters in the paper.",
+    ),
+    "finet_large": (
         LARGE_WIDTHS,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        fbn_groups=fbn_groups,
-        fbn_channels_per_group=fbn_channels_per_group,
-        affine=affine,
-        fbn_impl=fbn_impl,
-        cifar_stem=cifar_stem,
-        norm=norm,
-        drop_rate=drop_rate,
-        norm_kwargs=norm_kwargs,
-        zero_init_last=zero_init_last,
-        name="finet_large",
-    )
-
-
-@register_model
-def finet_small_se(
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    fbn_groups: int = 1,
-    fbn_channels_per_group: int | None = None,
-    affine: bool = True,
-    fbn_impl: str = "auto",
-    cifar_stem: bool = False,
-    norm: str = "bn",
-    drop_rate: float = 0.2,
-    norm_kwargs: dict | None = None,
-    zero_init_last: bool = False,
-) -> nn.Module:
-    """Small Finet with Squeeze-Excite (200 hidden units) in every block."""
-    return Finet(
+        None,
+        "Large Finet (widths 100/200/400): 301.8M FLOPs, 4.43M parameters in the paper.",
+    ),
+    "finet_small_se": (
         SMALL_WIDTHS,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        se_hidden=SE_HIDDEN,
-        fbn_groups=fbn_groups,
-        fbn_channels_per_group=fbn_channels_per_group,
-        affine=affine,
-        fbn_impl=fbn_impl,
-        cifar_stem=cifar_stem,
-        norm=norm,
-        drop_rate=drop_rate,
-        norm_kwargs=norm_kwargs,
-        zero_init_last=zero_init_last,
-        name="finet_small_se",
-    )
-
-
-@register_model
-def finet_large_se(
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    fbn_groups: int = 1,
-    fbn_channels_per_group: int | None = None,
-    affine: bool = True,
-    fbn_impl: str = "auto",
-    cifar_stem: bool = False,
-    norm: str = "bn",
-    drop_rate: float = 0.2,
-    norm_kwargs: dict | None = None,
-    zero_init_last: bool = False,
-) -> nn.Module:
-    """Large Finet with Squeeze-Excite (200 hidden units) in every block."""
-    return Finet(
+        SE_HIDDEN,
+        "Small Finet with Squeeze-Excite (200 hidden units) in every block.",
+    ),
+    "finet_large_se": (
         LARGE_WIDTHS,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        se_hidden=SE_HIDDEN,
-        fbn_groups=fbn_groups,
-        fbn_channels_per_group=fbn_channels_per_group,
-        affine=affine,
-        fbn_impl=fbn_impl,
-        cifar_stem=cifar_stem,
-        norm=norm,
-        drop_rate=drop_rate,
-        norm_kwargs=norm_kwargs,
-        zero_init_last=zero_init_last,
-        name="finet_large_se",
-    )
+        SE_HIDDEN,
+        "Large Finet with Squeeze-Excite (200 hidden units) in every block.",
+    ),
+}
+
+
+def _variant(name: str):
+    widths, se_hidden, doc = VARIANTS[name]
+    fixed = {"widths": widths, "depths": DEPTHS, "se_hidden": se_hidden}
+    return register_variant(name, Finet, doc, fixed=fixed)
+
+
+finet_small = _variant("finet_small")
+finet_large = _variant("finet_large")
+finet_small_se = _variant("finet_small_se")
+finet_large_se = _variant("finet_large_se")

@@ -8,69 +8,51 @@ stride s, BN) when the shape changes. With the default options the state_dict ke
 parameter counts equal torchvision's (11,689,512 and 25,557,032 at 1000 classes).
 `cifar_stem=True`: a 3x3 stride-1 stem conv and no max-pool, for 32x32 inputs.
 
-`norm="fbn"`: every conv + BN pair except the stem (whose input is the image) becomes one
-`FBNConv2d` with `fbn_groups` groups: in a BasicBlock conv1 (3x3) and conv2 (3x3); in a
-Bottleneck conv1 (1x1), conv2 (3x3) and conv3 (1x1); and the 1x1 `downsample.0` conv of every
-block that has one. The pair's BN slot (`bn1`, `bn2`, ...) is then an `nn.Identity` and
-`downsample` is Sequential(FBNConv2d). Any other `norm` is a plain norm layer made by
-`lightnets.nn.blocks.norm_layer` (`lightnets.nn.make_norm`): "bn", "sync_bn", "frozen_bn",
-"gn", "ln", "in", "brn" or "none", with `norm_kwargs` passed to every one of them (e.g.
-{"num_groups": 32} for GN, {"r_max": 1.5, "d_max": 0.5} for BRN); the stem always uses that
-(BN for "fbn", norm_kwargs included). The norm modules keep torchvision's names (bn1, ...)
-whatever their kind; with "none" they are nn.Identity.
+Norm options follow the models' convention (`lightnets.models.norm_option`). FBN (`norm="fbn"`,
+or `fbn_groups` other than 1): every conv + BN pair except the stem (whose input is the image)
+becomes one `FBNConv2d` with `fbn_groups` groups: in a BasicBlock conv1 (3x3) and conv2 (3x3);
+in a Bottleneck conv1 (1x1), conv2 (3x3) and conv3 (1x1); and the 1x1 `downsample.0` conv of
+every block that has one. The pair's BN slot (`bn1`, `bn2`, ...) is then an `FBNNormSlot` (an
+nn.Identity) and `downsample` is Sequential(FBNConv2d). Any other `norm` is a plain norm layer
+made by `lightnets.nn.make_norm`: "bn", "sync_bn", "frozen_bn", "gn", "ln", "in", "brn" or
+"none", with `norm_kwargs` passed to every one of them (e.g. {"num_groups": 32} for GN,
+{"r_max": 1.5, "d_max": 0.5} for BRN); the stem always uses that (BN for "fbn", norm_kwargs
+included). The norm modules keep torchvision's names (bn1, ...) whatever their kind; with
+"none" they are nn.Identity.
 
 `zero_init_last=True` zeroes the scale of the last norm of each residual block (bn2 /
 bn3, or the FBN conv's `norm_weight`), so every block starts as the identity (GN paper §4.1,
 after Goyal et al.): for every kind with a trainable gamma. A frozen BN's gamma is a fixed
 buffer and "none" has none: those blocks are left as they are.
+
+The registered variants (resnet18, resnet50, resnet_mini) are `ResNet` with a fixed block type
+and depths, registered by `register_variant`.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from lightnets.errors import UserError
-from lightnets.models.registry import register_model
-from lightnets.nn.blocks import fbn_conv, fbn_groups_for, norm_layer
+from lightnets.checks import check_int
+from lightnets.models.norm_option import ModelNorms, model_norms
+from lightnets.models.registry import register_variant
+from lightnets.nn.fbn import FBNConv2d
 
 
-class _NormSpec:
-    """How to build a conv + norm pair: plain norm of `kind`, or FBN with `fbn_groups`."""
+def _conv_norm(
+    norms: ModelNorms, cin: int, cout: int, k: int, stride: int, padding: int, where: str
+) -> tuple[nn.Module, nn.Module]:
+    """A conv + norm pair of a residual block: one of the FBN positions."""
+    return norms.fbn_positions.conv_norm(
+        cin, cout, k, stride, padding, where=f"{where} ({cin}->{cout})"
+    )
 
-    def __init__(
-        self,
-        kind: str,
-        fbn_groups: int,
-        fbn_impl: str,
-        name: str,
-        norm_kwargs: dict | None = None,
-    ) -> None:
-        self.kind = kind
-        self.fbn_groups = fbn_groups
-        self.fbn_impl = fbn_impl
-        self.name = name
-        self.norm_kwargs = dict(norm_kwargs or {})
 
-    def norm(self, kind: str, channels: int) -> nn.Module:
-        return norm_layer(kind, channels, **self.norm_kwargs)
-
-    @property
-    def stem_kind(self) -> str:
-        return "bn" if self.kind == "fbn" else self.kind
-
-    def conv_norm(
-        self, cin: int, cout: int, k: int, stride: int, padding: int, where: str
-    ) -> tuple[nn.Module, nn.Module]:
-        if self.kind == "fbn":
-            g = fbn_groups_for(cin, self.fbn_groups, None, f"{self.name} {where} ({cin}->{cout})")
-            conv = fbn_conv(cin, cout, k, stride, padding, fbn_groups=g, impl=self.fbn_impl)
-            return conv, nn.Identity()
-        conv = nn.Conv2d(cin, cout, k, stride, padding, bias=False)
-        return conv, self.norm(self.kind, cout)
+#: torchvision's stage widths
+WIDTHS = (64, 128, 256, 512)
 
 
 class BasicBlock(nn.Module):
@@ -79,13 +61,13 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int, spec: _NormSpec, where: str
+        self, inplanes: int, planes: int, stride: int, norms: ModelNorms, where: str
     ) -> None:
         super().__init__()
-        self.conv1, self.bn1 = spec.conv_norm(inplanes, planes, 3, stride, 1, f"{where}.conv1")
+        self.conv1, self.bn1 = _conv_norm(norms, inplanes, planes, 3, stride, 1, f"{where}.conv1")
         self.relu = nn.ReLU(inplace=True)
-        self.conv2, self.bn2 = spec.conv_norm(planes, planes, 3, 1, 1, f"{where}.conv2")
-        self.downsample = _downsample(inplanes, planes, stride, spec, where)
+        self.conv2, self.bn2 = _conv_norm(norms, planes, planes, 3, 1, 1, f"{where}.conv2")
+        self.downsample = _downsample(inplanes, planes, stride, norms, where)
         self.stride = stride
 
     def last_norm(self) -> nn.Module:
@@ -104,16 +86,16 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int, spec: _NormSpec, where: str
+        self, inplanes: int, planes: int, stride: int, norms: ModelNorms, where: str
     ) -> None:
         super().__init__()
         width = planes
         out = planes * self.expansion
-        self.conv1, self.bn1 = spec.conv_norm(inplanes, width, 1, 1, 0, f"{where}.conv1")
-        self.conv2, self.bn2 = spec.conv_norm(width, width, 3, stride, 1, f"{where}.conv2")
-        self.conv3, self.bn3 = spec.conv_norm(width, out, 1, 1, 0, f"{where}.conv3")
+        self.conv1, self.bn1 = _conv_norm(norms, inplanes, width, 1, 1, 0, f"{where}.conv1")
+        self.conv2, self.bn2 = _conv_norm(norms, width, width, 3, stride, 1, f"{where}.conv2")
+        self.conv3, self.bn3 = _conv_norm(norms, width, out, 1, 1, 0, f"{where}.conv3")
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _downsample(inplanes, out, stride, spec, where)
+        self.downsample = _downsample(inplanes, out, stride, norms, where)
         self.stride = stride
 
     def last_norm(self) -> nn.Module:
@@ -128,11 +110,11 @@ class Bottleneck(nn.Module):
 
 
 def _downsample(
-    inplanes: int, out: int, stride: int, spec: _NormSpec, where: str
+    inplanes: int, out: int, stride: int, norms: ModelNorms, where: str
 ) -> nn.Module | None:
     if stride == 1 and inplanes == out:
         return None
-    conv, norm = spec.conv_norm(inplanes, out, 1, stride, 0, f"{where}.downsample.0")
+    conv, norm = _conv_norm(norms, inplanes, out, 1, stride, 0, f"{where}.downsample.0")
     if isinstance(norm, nn.Identity):
         return nn.Sequential(conv)
     return nn.Sequential(conv, norm)
@@ -154,23 +136,13 @@ class ResNet(nn.Module):
         zero_init_last: bool = False,
         norm_kwargs: dict | None = None,
         name: str = "resnet",
-        widths: Sequence[int] = (64, 128, 256, 512),
+        widths: Sequence[int] = WIDTHS,
         stem_stride: int | None = None,
     ) -> None:
         super().__init__()
-        for value, what in ((num_classes, "num_classes"), (in_chans, "in_chans")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name}: {what} must be an int >= 1, got {value!r}")
-        if isinstance(fbn_groups, bool) or not isinstance(fbn_groups, int) or fbn_groups < 1:
-            raise UserError(f"{name}: fbn_groups must be an int >= 1, got {fbn_groups!r}")
-        if norm != "fbn" and fbn_groups != 1:
-            raise UserError(f"{name}: fbn_groups={fbn_groups} needs norm='fbn' (got norm={norm!r})")
-        if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
-            raise UserError(
-                f"{name}: norm_kwargs={norm_kwargs!r} is invalid: expected a table (dict) of "
-                "options for the norm layers, e.g. {num_groups = 32}"
-            )
-        spec = _NormSpec(norm, fbn_groups, fbn_impl, name, norm_kwargs)
+        check_int(num_classes, "num_classes", name)
+        check_int(in_chans, "in_chans", name)
+        norms = model_norms(name, norm, norm_kwargs, fbn_groups=fbn_groups, fbn_impl=fbn_impl)
         self.num_classes = num_classes
         if len(widths) != len(layers):
             raise ValueError(f"{name}: {len(layers)} stages need {len(layers)} widths")
@@ -180,7 +152,7 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(in_chans, stem, 3, stem_stride or 1, 1, bias=False)
         else:
             self.conv1 = nn.Conv2d(in_chans, stem, 7, stem_stride or 2, 3, bias=False)
-        self.bn1 = spec.norm(spec.stem_kind, stem)
+        self.bn1 = norms.plain(stem)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
         inplanes = stem
@@ -188,7 +160,7 @@ class ResNet(nn.Module):
             blocks = []
             for j in range(n):
                 stride = 2 if (j == 0 and i > 1) else 1
-                blocks.append(block(inplanes, planes, stride, spec, f"layer{i}.{j}"))
+                blocks.append(block(inplanes, planes, stride, norms, f"{name} layer{i}.{j}"))
                 inplanes = planes * block.expansion
             self.add_module(f"layer{i}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -196,10 +168,8 @@ class ResNet(nn.Module):
         self._init_weights(zero_init_last)
 
     def _init_weights(self, zero_init_last: bool) -> None:
-        fbn_mod = sys.modules.get("lightnets.nn.fbn")
-        fbn_cls = getattr(fbn_mod, "FBNConv2d", None) if fbn_mod is not None else None
         for m in self.modules():
-            if isinstance(m, nn.Conv2d) or (fbn_cls is not None and isinstance(m, fbn_cls)):
+            if isinstance(m, (nn.Conv2d, FBNConv2d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
                 nn.init.ones_(m.weight)
@@ -226,89 +196,34 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-@register_model
-def resnet18(
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    norm: str = "bn",
-    fbn_groups: int = 1,
-    fbn_impl: str = "auto",
-    cifar_stem: bool = False,
-    zero_init_last: bool = False,
-    norm_kwargs: dict | None = None,
-) -> nn.Module:
-    """ResNet-18 (BasicBlock, [2, 2, 2, 2]): 11.69M parameters, 1.81 GMACs at 224x224."""
-    return ResNet(
-        BasicBlock,
-        (2, 2, 2, 2),
-        num_classes=num_classes,
-        in_chans=in_chans,
-        norm=norm,
-        fbn_groups=fbn_groups,
-        fbn_impl=fbn_impl,
-        cifar_stem=cifar_stem,
-        zero_init_last=zero_init_last,
-        norm_kwargs=norm_kwargs,
-        name="resnet18",
-    )
-
-
-@register_model
-def resnet50(
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    norm: str = "bn",
-    fbn_groups: int = 1,
-    fbn_impl: str = "auto",
-    cifar_stem: bool = False,
-    zero_init_last: bool = False,
-    norm_kwargs: dict | None = None,
-) -> nn.Module:
-    """ResNet-50 (Bottleneck, [3, 4, 6, 3]): 25.56M parameters, 4.09 GMACs at 224x224."""
-    return ResNet(
-        Bottleneck,
-        (3, 4, 6, 3),
-        num_classes=num_classes,
-        in_chans=in_chans,
-        norm=norm,
-        fbn_groups=fbn_groups,
-        fbn_impl=fbn_impl,
-        cifar_stem=cifar_stem,
-        zero_init_last=zero_init_last,
-        norm_kwargs=norm_kwargs,
-        name="resnet50",
-    )
-
-
-@register_model
-def resnet_mini(
-    num_classes: int = 10,
-    in_chans: int = 1,
-    norm: str = "bn",
-    fbn_groups: int = 1,
-    fbn_impl: str = "auto",
-    zero_init_last: bool = False,
-    norm_kwargs: dict | None = None,
-) -> nn.Module:
+resnet18 = register_variant(
+    "resnet18",
+    ResNet,
+    "ResNet-18 (BasicBlock, [2, 2, 2, 2]): 11.69M parameters, 1.81 GMACs at 224x224.",
+    fixed={"block": BasicBlock, "layers": (2, 2, 2, 2), "widths": WIDTHS, "stem_stride": None},
+)
+resnet50 = register_variant(
+    "resnet50",
+    ResNet,
+    "ResNet-50 (Bottleneck, [3, 4, 6, 3]): 25.56M parameters, 4.09 GMACs at 224x224.",
+    fixed={"block": Bottleneck, "layers": (3, 4, 6, 3), "widths": WIDTHS, "stem_stride": None},
+)
+resnet_mini = register_variant(
+    "resnet_mini",
+    ResNet,
     """A ResNet sized for 28x28 on a CPU, for the GN studies on the bundled MNIST subset.
 
     3x3 stride-2 stem to 64 channels (28 -> 14, no max-pool), then three stages of one
     BasicBlock each at widths 64/128/256 (14, 7, 4 pixels): 1.2M parameters, 41M MACs at 28x28.
     Every norm layer has a multiple of 64 channels, so GN's Table 3 divisions (G and channels
     per group in 64..1) all exist, as in ResNet-50.
-    """
-    return ResNet(
-        BasicBlock,
-        (1, 1, 1),
-        num_classes=num_classes,
-        in_chans=in_chans,
-        norm=norm,
-        fbn_groups=fbn_groups,
-        fbn_impl=fbn_impl,
-        cifar_stem=True,
-        zero_init_last=zero_init_last,
-        norm_kwargs=norm_kwargs,
-        name="resnet_mini",
-        widths=(64, 128, 256),
-        stem_stride=2,
-    )
+    """,
+    fixed={
+        "block": BasicBlock,
+        "layers": (1, 1, 1),
+        "widths": (64, 128, 256),
+        "stem_stride": 2,
+        "cifar_stem": True,
+    },
+    defaults={"num_classes": 10, "in_chans": 1},
+)

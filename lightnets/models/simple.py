@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightnets.models.registry import register_model
+from lightnets.models.norm_option import plain_norm
+from lightnets.models.registry import register_variant
 
 
 class SimpleCNN(nn.Module):
     """Two conv-norm-ReLU-pool stages, a 4x4 adaptive pool and a linear classifier.
 
-    `norm` picks "bn" or "gn" (GroupNorm with `gn_groups` groups, batch independent, used by
-    the distributed-equality test) or "none".
+    `norm` is any plain kind of the models' convention (`lightnets.models.norm_option`): "bn",
+    "gn" (GroupNorm with `gn_groups` groups, batch independent, used by the
+    distributed-equality test), "none", ...; the model has no FBN positions.
     """
 
     def __init__(
@@ -25,25 +27,14 @@ class SimpleCNN(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-
-        def norm_layer(c: int) -> nn.Module:
-            if norm == "bn":
-                return nn.BatchNorm2d(c)
-            if norm == "gn":
-                return nn.GroupNorm(gn_groups, c)
-            if norm == "none":
-                return nn.Identity()
-            from lightnets.errors import UserError
-
-            raise UserError(f"SimpleCNN norm {norm!r} is unknown: expected 'bn', 'gn' or 'none'")
-
+        spec = plain_norm("mnist_cnn", norm, {"num_groups": gn_groups} if norm == "gn" else None)
         self.features = nn.Sequential(
             nn.Conv2d(in_chans, width, 3, padding=1, bias=False),
-            norm_layer(width),
+            spec(width),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
-            norm_layer(2 * width),
+            spec(2 * width),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
         )
@@ -56,14 +47,8 @@ class SimpleCNN(nn.Module):
         return self.fc(self.dropout(x))
 
 
-@register_model
-def mnist_cnn(
-    num_classes: int = 10,
-    in_chans: int = 1,
-    width: int = 32,
-    norm: str = "bn",
-    gn_groups: int = 4,
-    dropout: float = 0.0,
-) -> nn.Module:
-    """A ~30k-parameter CNN that reaches ~98% on the bundled MNIST subset in a minute."""
-    return SimpleCNN(num_classes, in_chans, width, norm, gn_groups, dropout)
+mnist_cnn = register_variant(
+    "mnist_cnn",
+    SimpleCNN,
+    "A ~30k-parameter CNN that reaches ~98% on the bundled MNIST subset in a minute.",
+)

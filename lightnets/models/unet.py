@@ -25,9 +25,9 @@ alpha=0.5, beta=0.1), "dynamic" (+480 parameters), "gate" (+349,600;
 `gate="spatial"` for one gate channel). `bn_weight_init`: "normal" draws every norm layer's
 weight (gamma) from N(0, 1) as in Table I; "ones" sets it to 1 as in Table II. Norm biases are
 zero; convs are Kaiming-normal (fan-out). `norm` (with `norm_kwargs`) picks the norm layers,
-made by `lightnets.nn.blocks.norm_layer`: "bn", "gn" (32 groups fit every width), "frozen_bn",
-... `widths` (one per level, the last one the bottom) exists for small CPU experiments; the
-paper's model is the default.
+by the models' convention (`lightnets.models.norm_option`; the U-Nets have no FBN positions):
+"bn", "gn" (32 groups fit every width), "frozen_bn", ... `widths` (one per level, the last one
+the bottom) exists for small CPU experiments; the paper's model is the default.
 
 `fused_unet` (§IV.C, Fig. 8, which is not in our text): our interpretation is a full-scale
 fusion U-Net with `res_unet`'s stem, encoder and blocks, whose every decoder stage takes, besides
@@ -46,13 +46,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightnets.checks import check_int, check_positive, is_int
 from lightnets.errors import UserError
-from lightnets.models.registry import register_model
+from lightnets.models.norm_option import plain_norm
+from lightnets.models.registry import register_variant
 from lightnets.nn.blocks import ConvNormAct, norm_layer
-from lightnets.nn.fusion import WeightedConcat, _check_weight, make_fusion, resize_to
-from lightnets.nn.norm import NormSpec
+from lightnets.nn.fusion import WeightedConcat, make_fusion, resize_to
 
-__all__ = ["BN_WEIGHT_INITS", "Bottleneck", "FusedUNet", "ResUNet", "fused_unet", "res_unet"]
+__all__ = [
+    "BN_WEIGHT_INITS",
+    "Bottleneck",
+    "FusedUNet",
+    "ResUNet",
+    "fused_unet",
+    "is_norm",
+    "res_unet",
+]
 
 BN_WEIGHT_INITS = ("normal", "ones")
 PAPER_WIDTHS = (32, 64, 128, 256, 512)
@@ -122,32 +131,14 @@ class FullScaleStage(nn.Module):
         return self.block(self.fuse(torch.cat(parts, 1), x))
 
 
-def _check_int(value: Any, what: str, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{name}: {what}={value!r} is invalid: expected an int >= 1")
-    return value
-
-
 def _check_widths(widths: Any, name: str) -> tuple[int, ...]:
     ok = isinstance(widths, Sequence) and not isinstance(widths, str) and len(widths) >= 2
-    ok = ok and all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths)
-    if not ok:
+    if not (ok and all(is_int(w) and w >= 1 for w in widths)):
         raise UserError(
             f"{name}: widths={widths!r} is invalid: expected at least two ints >= 1, one per "
             f"level, the last one the bottom (the paper's: {list(PAPER_WIDTHS)})"
         )
     return tuple(widths)
-
-
-def _norm_spec(norm: Any, norm_kwargs: Any, name: str) -> NormSpec:
-    if isinstance(norm, NormSpec):
-        return norm if norm_kwargs is None else NormSpec(norm.kind, {**norm.kwargs, **norm_kwargs})
-    if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
-        raise UserError(
-            f"{name}: norm_kwargs={norm_kwargs!r} is invalid: expected a table (dict) of options "
-            "for the norm layers, e.g. {num_groups = 32}"
-        )
-    return NormSpec(norm, dict(norm_kwargs or {}))
 
 
 def _check_bn_init(value: Any, name: str) -> str:
@@ -159,10 +150,15 @@ def _check_bn_init(value: Any, name: str) -> str:
     return value
 
 
-def _is_norm(m: nn.Module) -> bool:
+def is_norm(m: nn.Module) -> bool:
+    """A normalization layer whose weight `bn_weight_init` sets: torch's BatchNorm / SyncBN /
+    InstanceNorm and GroupNorm, and lightnets' layers that declare ``is_norm_layer``."""
     return isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) or bool(
         getattr(m, "is_norm_layer", False)
     )
+
+
+_is_norm = is_norm  # the old name, still imported by lightnets.experiments.weight_mechanism
 
 
 class _UNetBase(nn.Module):
@@ -179,11 +175,11 @@ class _UNetBase(nn.Module):
         name: str,
     ) -> None:
         super().__init__()
-        self.num_classes = _check_int(num_classes, "num_classes", name)
-        in_chans = _check_int(in_chans, "in_chans", name)
+        self.num_classes = check_int(num_classes, "num_classes", name)
+        in_chans = check_int(in_chans, "in_chans", name)
         self.widths = _check_widths(widths, name)
         self.bn_weight_init = _check_bn_init(bn_weight_init, name)
-        self.norm = _norm_spec(norm, norm_kwargs, name)
+        self.norm = plain_norm(name, norm, norm_kwargs)
         w = self.widths
         self.stem = ConvNormAct(in_chans, w[0], 3, norm=self.norm)
         self.encoder = nn.ModuleList(
@@ -198,7 +194,7 @@ class _UNetBase(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif _is_norm(m):
+            elif is_norm(m):
                 weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
                 if isinstance(weight, nn.Parameter):  # not a frozen BN's fixed buffer
                     if self.bn_weight_init == "normal":
@@ -225,7 +221,7 @@ class ResUNet(_UNetBase):
         self,
         num_classes: int = 2,
         in_chans: int = 3,
-        norm: Any = "bn",
+        norm: str = "bn",
         norm_kwargs: dict | None = None,
         fusion: str = "concat",
         alpha: float | None = None,
@@ -261,7 +257,7 @@ class FusedUNet(_UNetBase):
         self,
         num_classes: int = 2,
         in_chans: int = 3,
-        norm: Any = "bn",
+        norm: str = "bn",
         norm_kwargs: dict | None = None,
         weight: float = 0.5,
         bn_weight_init: str = "normal",
@@ -270,7 +266,7 @@ class FusedUNet(_UNetBase):
     ) -> None:
         super().__init__(num_classes, in_chans, norm, norm_kwargs, bn_weight_init, widths, name)
         w = self.widths
-        weight = _check_weight(weight, "weight", name)
+        weight = check_positive(weight, "weight", name)
         all_skips = sum(w[:-1])
         stages = []
         for level in reversed(range(len(w) - 1)):
@@ -287,59 +283,19 @@ class FusedUNet(_UNetBase):
         return self.head(x)
 
 
-@register_model
-def res_unet(
-    num_classes: int = 2,
-    in_chans: int = 3,
-    norm: str = "bn",
-    norm_kwargs: dict | None = None,
-    fusion: str = "concat",
-    alpha: float | None = None,
-    beta: float | None = None,
-    gate: str = "channel",
-    bn_weight_init: str = "normal",
-    widths: Sequence[int] = PAPER_WIDTHS,
-) -> nn.Module:
+res_unet = register_variant(
+    "res_unet",
+    ResUNet,
     """Residual U-Net (§III.C): 5,246,370 parameters (paper 5.11M), 2.07 GMACs at 125x125.
 
     fusion: "concat" | "alpha" (alpha, default 0.5) | "beta" (beta, default 0.1) | "dynamic"
     (+480 parameters) | "gate" (+349,600; gate="channel" | "spatial"). "alpha" and "beta"
     take both constants (the other one defaults to 1).
-    """
-    return ResUNet(
-        num_classes=num_classes,
-        in_chans=in_chans,
-        norm=norm,
-        norm_kwargs=norm_kwargs,
-        fusion=fusion,
-        alpha=alpha,
-        beta=beta,
-        gate=gate,
-        bn_weight_init=bn_weight_init,
-        widths=widths,
-        name="res_unet",
-    )
-
-
-@register_model
-def fused_unet(
-    num_classes: int = 2,
-    in_chans: int = 3,
-    norm: str = "bn",
-    norm_kwargs: dict | None = None,
-    weight: float = 0.5,
-    bn_weight_init: str = "normal",
-    widths: Sequence[int] = PAPER_WIDTHS,
-) -> nn.Module:
+    """,
+)
+fused_unet = register_variant(
+    "fused_unet",
+    FusedUNet,
     """Fused U-Net (§IV.C, our full-scale interpretation of Fig. 8): every decoder stage takes
-    all four skip levels, weighted by the constant `weight` (0.5, or 1 for the comparison)."""
-    return FusedUNet(
-        num_classes=num_classes,
-        in_chans=in_chans,
-        norm=norm,
-        norm_kwargs=norm_kwargs,
-        weight=weight,
-        bn_weight_init=bn_weight_init,
-        widths=widths,
-        name="fused_unet",
-    )
+    all four skip levels, weighted by the constant `weight` (0.5, or 1 for the comparison).""",
+)

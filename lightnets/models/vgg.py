@@ -14,7 +14,8 @@ with norm="bn" its ``vgg16_bn`` (138,365,992): the convs keep their bias as torc
   AdaptiveAvgPool2d(1) -> Linear(512, num_classes), the usual CIFAR VGG.
 
 `norm`: any kind of `lightnets.nn.make_norm` (bn, sync_bn, frozen_bn, gn, ln, in, brn, none),
-with `norm_kwargs` passed on (GN's default G = 32 divides every VGG width). Initialization is
+with `norm_kwargs` passed on (GN's default G = 32 divides every VGG width); the models'
+convention (`lightnets.models.norm_option`; VGG has no FBN positions). Initialization is
 torchvision's: Kaiming-normal (fan_out, ReLU) convs with zero bias, norm gamma 1 and beta 0,
 N(0, 0.01) linear weights with zero bias.
 """
@@ -23,9 +24,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lightnets.errors import UserError
-from lightnets.models.registry import register_model
-from lightnets.nn.blocks import norm_layer
+from lightnets.checks import check_int, check_number, check_positive
+from lightnets.models.norm_option import plain_norm
+from lightnets.models.registry import register_variant
 
 VGG16_CONFIG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"
@@ -48,18 +49,13 @@ class VGG(nn.Module):
         width: float = 1.0,
     ) -> None:
         super().__init__()
-        for value, what in ((num_classes, "num_classes"), (in_chans, "in_chans")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"{name}: {what} must be an int >= 1, got {value!r}")
-        if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
-            raise UserError(
-                f"{name}: norm_kwargs={norm_kwargs!r} is invalid: expected a table (dict) of "
-                "options for the norm layers, e.g. {num_groups = 32}"
-            )
-        if not 0.0 <= float(drop_rate) < 1.0:
-            raise UserError(f"{name}: drop_rate must be in [0, 1), got {drop_rate!r}")
-        if not float(width) > 0:
-            raise UserError(f"{name}: width must be > 0, got {width!r}")
+        check_int(num_classes, "num_classes", name)
+        check_int(in_chans, "in_chans", name)
+        spec = plain_norm(name, norm, norm_kwargs)
+        drop_rate = check_number(
+            drop_rate, "drop_rate", name, minimum=0, maximum=1, open_maximum=True
+        )
+        width = check_positive(width, "width", name)
         self.num_classes = num_classes
         config = tuple(c if c == "M" else max(1, round(int(c) * width)) for c in config)
         layers: list[nn.Module] = []
@@ -69,7 +65,7 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
                 continue
             layers.append(nn.Conv2d(cin, int(item), 3, padding=1))
-            norm_module = norm_layer(norm, int(item), **(norm_kwargs or {}))
+            norm_module = spec(int(item))
             if not isinstance(norm_module, nn.Identity):  # keys as torchvision's vgg16(_bn)
                 layers.append(norm_module)
             layers.append(nn.ReLU(inplace=True))
@@ -112,29 +108,13 @@ class VGG(nn.Module):
         return self.classifier(x)
 
 
-@register_model
-def vgg16(
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    norm: str = "bn",
-    norm_kwargs: dict | None = None,
-    cifar_stem: bool = False,
-    drop_rate: float = 0.5,
-    width: float = 1.0,
-) -> nn.Module:
+vgg16 = register_variant(
+    "vgg16",
+    VGG,
     """VGG-16 (13 convs + 3 FC): 138.36M parameters with norm="none", 15.5 GMACs at 224x224.
 
     `width` multiplies every conv's channels (0.25: 16-16-M-...-128, for CPU-scale studies;
     keep a multiple of 1/64 with GN's default 32 groups, or pass norm_kwargs).
-    """
-    return VGG(
-        VGG16_CONFIG,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        norm=norm,
-        norm_kwargs=norm_kwargs,
-        cifar_stem=cifar_stem,
-        drop_rate=drop_rate,
-        name="vgg16",
-        width=width,
-    )
+    """,
+    fixed={"config": VGG16_CONFIG},
+)

@@ -22,11 +22,19 @@ from lightnets.nn.fusion import (
     WeightedConcat,
     make_fusion,
 )
-from lightnets.nn.norm import NORM_KINDS, BatchRenorm, FrozenBatchNorm, NormSpec, make_norm
+from lightnets.nn.norm import (
+    LAYER_NORM_KINDS,
+    NORM_KINDS,
+    BatchRenorm,
+    FrozenBatchNorm,
+    NormSpec,
+    make_norm,
+)
 from lightnets.nn.packed import PackedBinaryConv2d, PackedBinaryLinear, is_packed_layer
 
 __all__ = [
     "FUSION_KINDS",
+    "LAYER_NORM_KINDS",
     "NORM_KINDS",
     "QUANTIZERS",
     "BatchRenorm",

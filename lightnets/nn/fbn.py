@@ -470,6 +470,9 @@ class FBNConv2d(nn.Module):
 
 
 class FBNNormSlot(nn.Identity):
-    """Where the BatchNorm of a conv that `convert_norm(kind="fbn")` turned into an FBNConv2d
-    stood: the identity (the FBN conv normalizes). It marks the pair, so that `fuse` can show a
-    model's own reparameterization hook (RepVGG / MobileOne branches) the conv + BN it expects."""
+    """Where the norm of an FBN conv stands: the identity (the FBN conv normalizes).
+
+    A model built with ``norm="fbn"`` (`lightnets.nn.NormSpec.conv_norm`) and
+    ``convert_norm(model, "fbn")`` leave one in the norm's place. It marks the pair, so that
+    `fuse` can show a model's own reparameterization hook (RepVGG / MobileOne branches) the
+    conv + BN it expects."""

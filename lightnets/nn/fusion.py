@@ -22,13 +22,11 @@ builds one by name (`FUSION_KINDS`).
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightnets.checks import check_int, check_positive
 from lightnets.errors import UserError, did_you_mean
 
 __all__ = [
@@ -58,19 +56,6 @@ def resize_to(x: Tensor, ref: Tensor) -> Tensor:
     return F.interpolate(x, size=ref.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def _check_weight(value: Any, what: str, where: str) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
-        raise UserError(f"{where}: {what}={value!r} is invalid: expected a finite number > 0")
-    return float(value)
-
-
-def _check_channels(value: Any, what: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{where}: {what}={value!r} is invalid: expected an int >= 1")
-    return value
-
-
 def _check_skip(skip: Tensor, channels: int, name: str) -> None:
     if skip.dim() != 4 or skip.shape[1] != channels:
         raise ValueError(
@@ -91,8 +76,8 @@ class WeightedConcat(nn.Module):
     def __init__(self, alpha: float = 1.0, beta: float = 1.0) -> None:
         super().__init__()
         where = "WeightedConcat"
-        self.register_buffer("alpha", torch.tensor(_check_weight(alpha, "alpha", where)))
-        self.register_buffer("beta", torch.tensor(_check_weight(beta, "beta", where)))
+        self.register_buffer("alpha", torch.tensor(check_positive(alpha, "alpha", where)))
+        self.register_buffer("beta", torch.tensor(check_positive(beta, "beta", where)))
 
     def forward(self, skip: Tensor, up: Tensor) -> Tensor:
         up = resize_to(up, skip)
@@ -113,7 +98,7 @@ class DynamicWeight(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.channels = _check_channels(channels, "channels", "DynamicWeight")
+        self.channels = check_int(channels, "channels", "DynamicWeight")
         self.weight = nn.Parameter(torch.empty(channels))
         self.reset_parameters()
 
@@ -157,8 +142,8 @@ class GatedFusion(nn.Module):
     def __init__(self, skip_channels: int, up_channels: int, gate: str = "channel") -> None:
         super().__init__()
         where = "GatedFusion"
-        self.skip_channels = _check_channels(skip_channels, "skip_channels", where)
-        self.up_channels = _check_channels(up_channels, "up_channels", where)
+        self.skip_channels = check_int(skip_channels, "skip_channels", where)
+        self.up_channels = check_int(up_channels, "up_channels", where)
         if gate not in GATE_KINDS:
             raise UserError(
                 f"{where}: gate={gate!r} is unknown: expected one of {', '.join(GATE_KINDS)}"
@@ -213,8 +198,8 @@ def make_fusion(
             + did_you_mean(str(kind), FUSION_KINDS)
         )
     where = f"fusion {kind!r}"
-    skip_channels = _check_channels(skip_channels, "skip_channels", where)
-    up_channels = _check_channels(up_channels, "up_channels", where)
+    skip_channels = check_int(skip_channels, "skip_channels", where)
+    up_channels = check_int(up_channels, "up_channels", where)
     for name, value in (("alpha", alpha), ("beta", beta)):
         if value is not None and kind not in ("alpha", "beta"):
             raise UserError(
@@ -230,7 +215,7 @@ def make_fusion(
         alpha = (DEFAULT_ALPHA if kind == "alpha" else 1.0) if alpha is None else alpha
         beta = (DEFAULT_BETA if kind == "beta" else 1.0) if beta is None else beta
         return WeightedConcat(
-            alpha=_check_weight(alpha, "alpha", where), beta=_check_weight(beta, "beta", where)
+            alpha=check_positive(alpha, "alpha", where), beta=check_positive(beta, "beta", where)
         )
     if kind == "dynamic":
         return DynamicWeight(skip_channels)

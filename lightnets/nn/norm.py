@@ -17,19 +17,25 @@ Kinds (`NORM_KINDS`), for 1-d (N, C, L), 2-d (N, C, H, W) and 3-d (N, C, T, H, W
   the GN paper). ``in``: GN with C groups (per sample and channel).
 - ``brn``: `BatchRenorm` (Ioffe 2017).
 - ``none``: `nn.Identity`.
+- ``fbn``: Fine-grained BN (`lightnets.nn.fbn.FBNConv2d`). It normalizes the partial sums of a
+  convolution, so it is not a layer after one: it is made together with its conv, by
+  `NormSpec.conv_norm` (``NormSpec("fbn", {"fbn_groups": 4}).conv_norm(64, 64, 3)``), by a model
+  (``norm="fbn"``) or by ``convert_norm(model, "fbn", ...)``; `make_norm` refuses it and says
+  so. Its options: fbn_groups | channels_per_group (checked once, by the layer:
+  `lightnets.nn.fbn.fbn_group_count`), eps, momentum, affine, impl, sync_stats.
 
 `dims` picks torch's BatchNorm class for ``bn``; every other kind works on any (N, C, ...)
 input (``frozen_bn`` and ``brn`` record `dims` only as the BatchNorm class to convert back to). The
 classes here set ``is_norm_layer = True`` so the optimizer factory puts their parameters in the
 normalization weight-decay group; GroupNorm and BatchNorm are recognized by type.
 
-`NormSpec(kind, kwargs)` carries a kind with its options through code that passes a norm kind
-along (``ConvNormAct(norm=NormSpec("gn", {"num_groups": 8}))``).
+`NormSpec(kind, kwargs)` is the one value that carries a norm kind with its options through
+code that passes a norm along (``ConvNormAct(norm=NormSpec("gn", {"num_groups": 8}))``); its
+`conv_norm` builds a conv with its norm for every kind, fbn included.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,9 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightnets.checks import check_bool, check_int, check_number, is_int
 from lightnets.errors import UserError, did_you_mean
+from lightnets.nn.fbn import FBNConv2d, FBNNormSlot
 
 __all__ = [
+    "LAYER_NORM_KINDS",
     "NORM_KINDS",
     "BatchRenorm",
     "FrozenBatchNorm",
@@ -51,7 +60,9 @@ __all__ = [
     "valid_group_counts",
 ]
 
-NORM_KINDS = ("bn", "sync_bn", "frozen_bn", "gn", "ln", "in", "brn", "none")
+NORM_KINDS = ("bn", "sync_bn", "frozen_bn", "gn", "ln", "in", "brn", "fbn", "none")
+#: the kinds that are a layer of their own, after any conv: all but fbn, which is its conv
+LAYER_NORM_KINDS = tuple(kind for kind in NORM_KINDS if kind != "fbn")
 
 _FACTORY = ("device", "dtype")
 # The options each kind accepts. `affine` is accepted (and ignored) by frozen_bn, whose affine
@@ -73,48 +84,36 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
         "relax_steps",
         *_FACTORY,
     ),
+    "fbn": (
+        "fbn_groups",
+        "channels_per_group",
+        "eps",
+        "momentum",
+        "affine",
+        "impl",
+        "sync_stats",
+        *_FACTORY,
+    ),
     "none": ("affine",),
 }
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(value: Any, what: str, minimum: int, where: str) -> int:
-    if not _is_int(value) or value < minimum:
-        raise UserError(f"{where}: {what}={value!r} is invalid: expected an int >= {minimum}")
-    return value
-
-
-def _check_float(value: Any, what: str, where: str, low: float, *, open_low: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = value > low if open_low else value >= low
-    if not ok:
+def _check_momentum(value: Any, where: str) -> float | None:
+    """A BN momentum: a number in [0, 1], or None (a cumulative average)."""
+    if value is not None and not (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+    ):
         raise UserError(
-            f"{where}: {what}={value!r} is invalid: expected a number {'>' if open_low else '>='} "
-            f"{low}"
+            f"{where}: momentum={value!r} is invalid: expected a number in [0, 1] or None "
+            "(cumulative average)"
         )
-    return float(value)
-
-
-def _check_momentum(value: Any, where: str, allow_none: bool = True) -> float | None:
-    if value is None and allow_none:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-    if not ok:
-        raise UserError(
-            f"{where}: momentum={value!r} is invalid: expected a number in [0, 1]"
-            + (" or None (cumulative average)" if allow_none else "")
-        )
-    return float(value)
+    return None if value is None else float(value)
 
 
 def _check_dims(dims: Any, where: str, allow_none: bool = False) -> int | None:
     if dims is None and allow_none:
         return None
-    if not _is_int(dims) or dims not in (1, 2, 3):
+    if not is_int(dims) or dims not in (1, 2, 3):
         raise UserError(
             f"{where}: dims={dims!r} is invalid: expected 1 (N, C, L), 2 (N, C, H, W) or "
             "3 (N, C, T, H, W)"
@@ -164,7 +163,7 @@ def _gn_groups(
             )
         return g
     if channels_per_group is not None:
-        c = _check_int(channels_per_group, "channels_per_group", 1, where)
+        c = check_int(channels_per_group, "channels_per_group", where)
         if num_channels % c:
             raise UserError(
                 f"{where}: channels_per_group={c} does not divide the C={num_channels} channels: "
@@ -176,7 +175,7 @@ def _gn_groups(
             f"{where}: num_groups={num_groups!r} is invalid: expected an int >= 1 or 'auto' "
             f"({AUTO_GROUPS} where it divides C, else the largest divisor of C below it)"
         )
-    g = _check_int(32 if num_groups is None else num_groups, "num_groups", 1, where)
+    g = check_int(32 if num_groups is None else num_groups, "num_groups", where)
     if num_channels % g:
         raise UserError(
             f"{where}: C={num_channels} channels are not divisible by G={g} groups: expected "
@@ -186,8 +185,27 @@ def _gn_groups(
     return g
 
 
+def _check_kind(kind: Any) -> str:
+    if not isinstance(kind, str) or kind not in NORM_KINDS:
+        raise UserError(
+            f"norm {kind!r} is unknown: expected one of {', '.join(NORM_KINDS)}"
+            + did_you_mean(str(kind), NORM_KINDS)
+        )
+    return kind
+
+
+def _check_options(kind: str, names: Any, where: str) -> None:
+    accepted = _OPTIONS[kind]
+    for name in names:
+        if name not in accepted:
+            raise UserError(
+                f"{where} got unknown option {name!r}: expected any of {', '.join(accepted)}"
+                + did_you_mean(str(name), accepted)
+            )
+
+
 def make_norm(kind: str, num_channels: int, *, dims: int = 2, **options: Any) -> nn.Module:
-    """The normalization layer `kind` (see `NORM_KINDS`) over `num_channels` channels.
+    """The normalization layer `kind` (see `LAYER_NORM_KINDS`) over `num_channels` channels.
 
     dims (1, 2, 3) picks BatchNorm1d/2d/3d for ``bn``; every other kind takes any (N, C, ...)
     input (``frozen_bn`` / ``brn`` record dims, for `convert_norm(model, "bn")`). Options by
@@ -195,36 +213,30 @@ def make_norm(kind: str, num_channels: int, *, dims: int = 2, **options: Any) ->
     frozen_bn: eps; gn: num_groups (default 32) | channels_per_group, eps, affine; ln, in: eps,
     affine; brn: eps, momentum, affine, r_max, d_max, warmup_steps, relax_steps (see
     `BatchRenorm`); all but none: device, dtype. frozen_bn and none also accept affine and
-    ignore it (a frozen affine is fixed). Unknown kinds and options are UserErrors.
+    ignore it (a frozen affine is fixed). ``fbn`` is made with its conv (`NormSpec.conv_norm`),
+    not here. Unknown kinds and options are UserErrors.
     """
-    if not isinstance(kind, str) or kind not in NORM_KINDS:
-        raise UserError(
-            f"norm {kind!r} is unknown: expected one of {', '.join(NORM_KINDS)}"
-            + did_you_mean(str(kind), NORM_KINDS)
-        )
+    kind = _check_kind(kind)
     where = f"make_norm({kind!r}, {num_channels!r})"
-    accepted = _OPTIONS[kind]
-    for name in options:
-        if name not in accepted:
-            raise UserError(
-                f"{where} got unknown option {name!r}: expected any of {', '.join(accepted)}"
-                + did_you_mean(name, accepted)
-            )
-    _check_int(num_channels, "num_channels", 1, where)
+    _check_options(kind, options, where)
+    if kind == "fbn":
+        raise UserError(
+            f"{where}: fbn normalizes the partial sums of a convolution, so it is made with its "
+            "conv, not after it: expected NormSpec('fbn', options).conv_norm(in_channels, "
+            "out_channels, kernel_size), lightnets.nn.FBNConv2d, or convert_norm(model, 'fbn', "
+            "fbn_groups=G) for a model"
+        )
+    check_int(num_channels, "num_channels", where)
     dims = _check_dims(dims, where)
     if kind == "none":
         return nn.Identity()
     factory = {k: options.pop(k) for k in _FACTORY if k in options}
-    eps = _check_float(options.pop("eps", 1e-5), "eps", where, 0.0, open_low=True)
-    affine = options.pop("affine", True)
-    if not isinstance(affine, bool):
-        raise UserError(f"{where}: affine={affine!r} is invalid: expected true or false")
+    eps = check_number(options.pop("eps", 1e-5), "eps", where, minimum=0.0, open_minimum=True)
+    affine = check_bool(options.pop("affine", True), "affine", where)
 
     if kind in ("bn", "sync_bn"):
         momentum = _check_momentum(options.pop("momentum", 0.1), where)
-        track = options.pop("track_running_stats", True)
-        if not isinstance(track, bool):
-            raise UserError(f"{where}: track_running_stats={track!r}: expected true or false")
+        track = check_bool(options.pop("track_running_stats", True), "track_running_stats", where)
         kw = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track, **factory)
         if kind == "sync_bn":
             return nn.SyncBatchNorm(
@@ -251,26 +263,76 @@ def make_norm(kind: str, num_channels: int, *, dims: int = 2, **options: Any) ->
 
 @dataclass(frozen=True)
 class NormSpec:
-    """A norm kind with its options, callable like a factory: ``spec(num_channels)``.
+    """A norm kind with its options: the one value code passes around to say "this norm".
 
-    Lets model code that hands a kind name down to `lightnets.nn.blocks.norm_layer` carry
-    options too (``NormSpec("gn", {"num_groups": 8})``). Options given at the call win.
+    ``NormSpec("gn", {"num_groups": 8})``, ``NormSpec("fbn", {"fbn_groups": 4})``. The kind
+    and the option names are checked when the spec is made; the values by the layer that takes
+    them (FBN's groups by `FBNConv2d`, for every conv it is used on). `spec(channels)` makes a
+    norm layer (every kind but fbn); `spec.conv_norm(...)` makes a conv with its norm (every
+    kind). Options given at the call win over the spec's.
     """
 
     kind: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in NORM_KINDS:
-            raise UserError(
-                f"norm {self.kind!r} is unknown: expected one of {', '.join(NORM_KINDS)}"
-                + did_you_mean(str(self.kind), NORM_KINDS)
-            )
+        _check_kind(self.kind)
         if not isinstance(self.kwargs, Mapping):
             raise UserError(f"norm options {self.kwargs!r}: expected a table (dict) of options")
+        _check_options(self.kind, self.kwargs, f"norm {self.kind!r}")
+
+    @classmethod
+    def of(cls, norm: str | NormSpec, **options: Any) -> NormSpec:
+        """`norm` (a kind, or a NormSpec) as a NormSpec, with `options` added (they win)."""
+        if isinstance(norm, NormSpec):
+            return norm if not options else cls(norm.kind, {**norm.kwargs, **options})
+        return cls(norm, options)
 
     def __call__(self, num_channels: int, *, dims: int = 2, **overrides: Any) -> nn.Module:
         return make_norm(self.kind, num_channels, dims=dims, **{**self.kwargs, **overrides})
+
+    def conv_norm(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        *,
+        groups: int = 1,
+        where: str = "",
+        **overrides: Any,
+    ) -> tuple[nn.Module, nn.Module]:
+        """(conv, norm): a 2-d conv without bias and its normalization of this kind.
+
+        fbn: an `FBNConv2d` (the conv and its norm in one module) and an `FBNNormSlot` (an
+        nn.Identity) that marks where the norm stands; every other kind: ``nn.Conv2d`` and the
+        kind's layer. A UserError (an option a layer refuses: G larger than the conv's inputs,
+        GN groups that do not divide the channels) starts with `where`, the model's name for
+        the layer.
+        """
+        options = {**self.kwargs, **overrides}
+        _check_options(self.kind, overrides, f"norm {self.kind!r}")
+        try:
+            if self.kind == "fbn":
+                conv = FBNConv2d(
+                    in_channels,
+                    out_channels,
+                    kernel_size,
+                    stride=stride,
+                    padding=padding,
+                    groups=groups,
+                    **options,
+                )
+                return conv, FBNNormSlot()
+            conv = nn.Conv2d(
+                in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False
+            )
+            return conv, make_norm(self.kind, out_channels, **options)
+        except UserError as err:
+            if not where:
+                raise
+            raise UserError(f"{where}: {err}") from None
 
 
 def _param_shape(x: Tensor, values: Tensor) -> Tensor:
@@ -300,8 +362,8 @@ class FrozenBatchNorm(nn.Module):
     ) -> None:
         super().__init__()
         where = "FrozenBatchNorm"
-        self.num_features = _check_int(num_features, "num_features", 1, where)
-        self.eps = _check_float(eps, "eps", where, 0.0, open_low=False)
+        self.num_features = check_int(num_features, "num_features", where)
+        self.eps = check_number(eps, "eps", where, minimum=0.0)
         self.dims = _check_dims(dims, where, allow_none=True)
         kw = {"device": device, "dtype": dtype}
         self.register_buffer("weight", torch.ones(num_features, **kw))
@@ -407,14 +469,14 @@ class BatchRenorm(nn.Module):
     ) -> None:
         super().__init__()
         where = "BatchRenorm"
-        self.num_features = _check_int(num_features, "num_features", 1, where)
-        self.eps = _check_float(eps, "eps", where, 0.0, open_low=True)
+        self.num_features = check_int(num_features, "num_features", where)
+        self.eps = check_number(eps, "eps", where, minimum=0.0, open_minimum=True)
         self.momentum = _check_momentum(momentum, where)
         self.affine = bool(affine)
-        self.r_max = _check_float(r_max, "r_max", where, 1.0, open_low=False)
-        self.d_max = _check_float(d_max, "d_max", where, 0.0, open_low=False)
-        self.warmup_steps = _check_int(warmup_steps, "warmup_steps", 0, where)
-        self.relax_steps = _check_int(relax_steps, "relax_steps", 0, where)
+        self.r_max = check_number(r_max, "r_max", where, minimum=1.0)
+        self.d_max = check_number(d_max, "d_max", where, minimum=0.0)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", where, minimum=0)
+        self.relax_steps = check_int(relax_steps, "relax_steps", where, minimum=0)
         self.dims = _check_dims(dims, where, allow_none=True)
         kw = {"device": device, "dtype": dtype}
         if self.affine:

@@ -158,7 +158,7 @@ def test_channels_per_group_varies_g_per_layer():
     model = finet_large(fbn_channels_per_group=100)
     assert model.stage2[0].conv1.conv.fbn_groups == 1
     assert model.stage4[0].conv1.conv.fbn_groups == 2  # 200 / 100
-    with pytest.raises(UserError, match="fbn_groups or fbn_channels_per_group"):
+    with pytest.raises(UserError, match="fbn_groups=2 and channels_per_group=50.*only one"):
         finet_large(fbn_groups=2, fbn_channels_per_group=50)
 
 
@@ -168,7 +168,7 @@ def test_uneven_groups_follow_tensor_split_and_too_many_groups_are_refused():
     assert finet_large(fbn_groups=3).stage2[0].conv2.conv.group_sizes == (34, 33, 33)
     assert finet_small(fbn_channels_per_group=7).stage2[0].conv2.conv.group_sizes == (8, 8, 7, 7)
     with pytest.raises(
-        UserError, match=r"fbn_groups=25 is more than the 24 input channels .*stage2\.0\.conv1"
+        UserError, match=r"finet_small stage2\.0\.conv1 .*fbn_groups=25 is more than the 24 input"
     ):
         finet_small(fbn_groups=25)
 

@@ -176,3 +176,75 @@ def test_group_norm_error_lists_the_groups_that_fit_the_whole_model():
         create_model("finet_small", norm="gn", norm_kwargs={"num_groups": 4})
     model = create_model("finet_small", norm="gn", norm_kwargs={"num_groups": 2})
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+
+
+# ------------------------------------------------------------- one convention for every model
+
+
+def _fbn_groups_by_name(model: nn.Module) -> dict[str, int]:
+    return {n: m.fbn_groups for n, m in model.named_modules() if isinstance(m, FBNConv2d)}
+
+
+@pytest.mark.parametrize("factory", [finet_small, resnet18])
+def test_fbn_options_mean_fbn_in_every_model_with_fbn_positions(factory):
+    """norm="fbn" and an FBN option that asks for groups build the same model, in Finet as in
+    ResNet; norm="fbn" alone gives one-group FBN convs at the same places."""
+    by_kind = factory(norm="fbn", fbn_groups=2)
+    by_option = factory(fbn_groups=2)
+    groups = _fbn_groups_by_name(by_kind)
+    assert groups and set(groups.values()) == {2} and _fbn_groups_by_name(by_option) == groups
+    assert by_kind.state_dict().keys() == by_option.state_dict().keys()
+    assert _fbn_groups_by_name(factory(norm="fbn")) == dict.fromkeys(groups, 1)
+    assert not _fbn_groups_by_name(factory())  # the baseline: plain convs and BNs
+
+
+def test_other_norm_layers_follow_norm_when_fbn_is_on():
+    """With an FBN option and another norm, the FBN positions are FBN and every other norm
+    position is `norm` (ResNet: the stem; Finet: stem, depthwise convs, conv5)."""
+    model = resnet18(norm="gn", norm_kwargs={"num_groups": 8}, fbn_groups=2)
+    assert isinstance(model.bn1, nn.GroupNorm) and model.bn1.num_groups == 8
+    assert len(_fbn_groups_by_name(model)) == RESNET18_NORMS - 1
+    assert isinstance(resnet18(norm="fbn").bn1, nn.BatchNorm2d)  # BN outside FBN positions
+
+
+def test_channels_per_group_means_the_same_in_models_layers_and_convert():
+    """Finet's fbn_channels_per_group, FBNConv2d's channels_per_group and convert_norm's give
+    each conv G = max(1, C_in // c) (computed here by hand)."""
+    from lightnets.deploy import convert_norm
+
+    for c in (7, 20, 50):
+        built = finet_small(fbn_channels_per_group=c)
+        converted = convert_norm(finet_small(), "fbn", channels_per_group=c)
+        for name, fbn in built.named_modules():
+            if isinstance(fbn, FBNConv2d):
+                assert fbn.fbn_groups == max(1, fbn.in_channels // c), name
+                assert converted.get_submodule(name).fbn_groups == fbn.fbn_groups, name
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("vgg16", {"width": 0.25}),
+        ("res_unet", {"widths": [8, 16]}),
+        ("fused_unet", {"widths": [8, 16]}),
+        ("mnist_cnn", {}),
+    ],
+)
+def test_models_without_fbn_positions_refuse_fbn_and_name_convert_norm(name, kwargs):
+    from lightnets.models import create_model
+
+    with pytest.raises(UserError, match=rf"^{name}: norm='fbn' is invalid: .*convert_norm"):
+        create_model(name, norm="fbn", **kwargs)
+    for kind in ("gn", "ln", "none"):  # and take every other kind of the convention
+        norm_kwargs = {"num_groups": 4} if kind == "gn" and name != "mnist_cnn" else None
+        extra = {"norm_kwargs": norm_kwargs} if name != "mnist_cnn" else {}
+        assert create_model(name, norm=kind, **extra, **kwargs) is not None
+
+
+def test_norm_kwargs_with_fbn_are_the_bn_options_and_say_so():
+    with pytest.raises(
+        UserError,
+        match=r"resnet18: norm 'bn' got unknown option 'fbn_groups'.*"
+        r"norm_kwargs are the options of the BN layers",
+    ):
+        resnet18(norm="fbn", norm_kwargs={"fbn_groups": 2})

@@ -119,10 +119,10 @@ def test_zero_init_last(factory, norm):
 
 
 def test_refusals():
-    with pytest.raises(UserError, match="needs norm='fbn'"):
-        resnet18(fbn_groups=2)
-    with pytest.raises(UserError, match="fbn_groups=65 is more than the 64 input channels"):
+    with pytest.raises(UserError, match=r"resnet18 layer1\.0\.conv1 \(64->64\).*fbn_groups=65 is"):
         resnet18(norm="fbn", fbn_groups=65)
+    with pytest.raises(UserError, match=r"fbn_groups=True is invalid"):
+        resnet18(fbn_groups=True)
     with pytest.raises(UserError, match="norm 'gnx'"):
         resnet50(norm="gnx")
     with pytest.raises(UserError):

@@ -209,5 +209,7 @@ def test_vgg16_pooling_unchanged_at_224():
 
 @pytest.mark.parametrize("width", [0, -0.5, float("nan")])
 def test_vgg16_width_must_be_positive(width):
-    with pytest.raises(UserError, match="width must be > 0"):
+    with pytest.raises(
+        UserError, match=r"vgg16: width=.* is invalid: expected a finite number > 0"
+    ):
         vgg16(width=width)

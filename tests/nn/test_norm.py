@@ -13,7 +13,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightnets.errors import UserError
-from lightnets.nn import NORM_KINDS, BatchRenorm, FrozenBatchNorm, NormSpec, make_norm
+from lightnets.nn import (
+    LAYER_NORM_KINDS,
+    NORM_KINDS,
+    BatchRenorm,
+    FBNConv2d,
+    FBNNormSlot,
+    FrozenBatchNorm,
+    NormSpec,
+    make_norm,
+)
 from lightnets.optim import param_groups
 
 torch.set_num_threads(1)
@@ -154,7 +163,8 @@ def test_in_is_gn_with_c_groups_and_instance_norm(dims):
 def test_kinds_build_and_run_in_every_dims(dims, cls):
     assert type(make_norm("bn", 6, dims=dims)) is cls
     x = _x(SHAPES[dims], dtype=torch.float32)
-    for kind in NORM_KINDS:
+    assert set(NORM_KINDS) == {*LAYER_NORM_KINDS, "fbn"}
+    for kind in LAYER_NORM_KINDS:
         kw = {"num_groups": 3} if kind == "gn" else {}
         layer = make_norm(kind, 6, dims=dims, **kw)
         y = layer(x)
@@ -178,8 +188,34 @@ def test_custom_norms_are_norm_layers_for_the_optimizer():
 def test_norm_spec_carries_options():
     spec = NormSpec("gn", {"num_groups": 4})
     assert spec(8).num_groups == 4 and spec(8, num_groups=2).num_groups == 2
+    assert NormSpec.of(spec) is spec and NormSpec.of("bn") == NormSpec("bn")
+    assert NormSpec.of(spec, eps=0.1).kwargs == {"num_groups": 4, "eps": 0.1}
     with pytest.raises(UserError, match="norm 'gnn' is unknown.*did you mean 'gn'"):
         NormSpec("gnn")
+    with pytest.raises(UserError, match="norm 'gn' got unknown option 'groups'.*'num_groups'"):
+        NormSpec("gn", {"groups": 4})  # option names are checked when the spec is made
+
+
+def test_fbn_is_a_kind_made_with_its_conv():
+    """fbn is a norm kind like the others (NormSpec, option names), but it normalizes a
+    conv's partial sums: `conv_norm` makes the FBN conv and the slot where its norm stands;
+    make_norm, which has no conv, refuses it and says what to use."""
+    spec = NormSpec("fbn", {"fbn_groups": 2, "impl": "naive"})
+    conv, norm = spec.conv_norm(8, 4, 3, 1, 1)
+    assert isinstance(conv, FBNConv2d) and isinstance(norm, FBNNormSlot)
+    assert (conv.fbn_groups, conv.impl, conv.padding) == (2, "naive", (1, 1))
+    assert NormSpec("fbn", {"channels_per_group": 3}).conv_norm(8, 4, 1)[0].fbn_groups == 2
+    conv, norm = NormSpec("gn", {"num_groups": 2}).conv_norm(8, 4, 3, 2, 1, groups=2)
+    assert type(conv) is nn.Conv2d and conv.bias is None and conv.groups == 2
+    assert conv.stride == (2, 2) and isinstance(norm, nn.GroupNorm) and norm.num_groups == 2
+    with pytest.raises(UserError, match=r"make_norm\('fbn', 8\): fbn .* made with its conv"):
+        make_norm("fbn", 8)
+    with pytest.raises(UserError, match=r"made with its conv"):
+        spec(8)
+    with pytest.raises(UserError, match=r"norm 'fbn' got unknown option 'num_groups'"):
+        NormSpec("fbn", {"num_groups": 2})
+    with pytest.raises(UserError, match=r"^net layer3: FBNConv2d: fbn_groups=9 is more than"):
+        NormSpec("fbn", {"fbn_groups": 9}).conv_norm(8, 4, 1, where="net layer3")
 
 
 def test_errors_name_the_problem():
