@@ -27,7 +27,9 @@ SCRIPT = textwrap.dedent(
 
     out = {{}}
     run = sys.argv[1]
-    overrides = ["model.args.width=8", "train.max_steps=2", "train.progress=false", "schedule.warmup=0"]
+    overrides = [
+        "model.args.width=8", "train.max_steps=2", "train.progress=false", "schedule.warmup=0"
+    ]
     import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
