@@ -12,7 +12,8 @@ from torch import nn
 from lightnets.engine.config import load_config
 from lightnets.engine.trainer import Trainer
 from lightnets.experiments.plan import resolve_run
-from lightnets.models.resnet import BasicBlock
+from lightnets.models.registry import create_model
+from lightnets.models.resnet import BasicBlock, Bottleneck
 
 torch.set_num_threads(1)
 
@@ -20,7 +21,13 @@ torch.set_num_threads(1)
 def test_recipe_is_the_papers_setting():
     c = load_config("resnet50_gn_imagenet", ["data.root=/data/imagenet"])
     assert c.model.name == "resnet50"
-    assert c.model.args == {"norm": "gn", "norm_kwargs": {"num_groups": 32}, "zero_init_last": True}
+    # §4.1: GN with G = 32 in every norm layer, each block's last gamma zero
+    model = create_model(c.model.name, **c.model.args)
+    norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
+    assert len(norms) == 53 and all(isinstance(m, nn.GroupNorm) for m in norms)
+    assert all(m.num_groups == 32 for m in norms)
+    blocks = [b for b in model.modules() if isinstance(b, Bottleneck)]
+    assert len(blocks) == 16 and all(torch.count_nonzero(b.bn3.weight) == 0 for b in blocks)
     assert (c.data.name, c.data.train_split, c.data.val_split) == ("folder", "train", "val")
     assert c.data.args == {"image_size": 224}
     assert (c.optim.name, c.optim.momentum, c.optim.nesterov) == ("sgd", 0.9, True)  # [17]'s

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from lightnets.data import build_batch_augment
 from lightnets.engine.config import load_config
 from lightnets.engine.trainer import Trainer
 from lightnets.models.registry import create_model
+from lightnets.nn import FBNConv2d
 from lightnets.nn.blocks import SqueezeExcite
 from tests.data.conftest import crop_offsets, write_cifar10
 
@@ -61,7 +63,11 @@ def test_cifar_recipes_pad_to_36_then_crop_32(recipe):
 def test_resnet_fbn_cifar_recipe_is_the_papers_setting():
     c = load_config("resnet_fbn_cifar", ["data.root=/data/cifar"])
     assert c.model.name == "resnet18"
-    assert c.model.args == {"cifar_stem": True, "norm": "fbn", "fbn_groups": 2}
+    # Table 7: every conv + BN but the stem's is an FBN conv with G = 2; CIFAR stem
+    model = create_model(c.model.name, **c.model.args)
+    fbns = [m for m in model.modules() if isinstance(m, FBNConv2d)]
+    assert len(fbns) == 19 and all(m.fbn_groups == 2 for m in fbns)
+    assert isinstance(model.bn1, nn.BatchNorm2d) and model.conv1.stride == (1, 1)
     assert c.data.per_process_batch(1) == 64
     assert (c.optim.lr, c.optim.weight_decay, c.schedule.milestones, c.train.epochs) == (
         0.1,
@@ -74,7 +80,12 @@ def test_resnet_fbn_cifar_recipe_is_the_papers_setting():
 def test_finet_imagenet_recipe_is_the_papers_setting():
     c = load_config("finet_imagenet", ["data.root=/data/imagenet"])
     assert c.model.name == "finet_large"
-    assert c.model.args == {"fbn_groups": 4, "drop_rate": 0.2}
+    # Table 2's G = 4 in the 32 pointwise convs, dropout 0.2 in the two FC layers, 224 stem
+    model = create_model(c.model.name, **c.model.args)
+    fbns = [m for m in model.modules() if isinstance(m, FBNConv2d)]
+    assert len(fbns) == 32 and all(m.fbn_groups == 4 for m in fbns)
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.2, 0.2]
+    assert model.conv1.conv.stride == (2, 2)
     assert (c.data.name, c.data.train_split, c.data.val_split) == ("folder", "train", "val")
     assert (c.data.batch_size, c.data.num_workers, c.data.args) == (512, 8, {"image_size": 224})
     assert c.data.augment == ["hflip", "normalize"]

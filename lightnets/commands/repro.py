@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 
 from lightnets.errors import UserError
+from lightnets.experiments import get_experiment, list_experiments
+from lightnets.experiments.plan import print_plan
 
 __all__ = ["add_repro_arguments", "repro_command"]
 
 
 def _listing() -> str:
-    from lightnets.experiments import list_experiments
-
     experiments = list_experiments()
     width = max((len(e.name) for e in experiments), default=0)
     return "\n".join(f"  {e.name:<{width}}  {e.help}" for e in experiments)
@@ -24,8 +24,6 @@ def _listing() -> str:
 
 def add_repro_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `--list` and one sub-parser per registered experiment to `parser`."""
-    from lightnets.experiments import list_experiments
-
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     sub = parser.add_subparsers(dest="experiment", metavar="NAME", title="experiment")
     for exp in list_experiments():
@@ -55,8 +53,6 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
 
 def repro_command(args: argparse.Namespace) -> int:
     """Run the experiment named in `args.experiment` (or list them); returns the exit code."""
-    from lightnets.experiments import get_experiment
-
     name = getattr(args, "experiment", None)
     if getattr(args, "list", False) or name is None:
         print("experiments (lightnets repro NAME --help for the options of one):")
@@ -71,8 +67,6 @@ def repro_command(args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False):
         if experiment.plan is None:
             raise UserError(f"experiment {name!r} cannot plan its runs: --dry-run is not available")
-        from lightnets.experiments.base import print_plan
-
         print_plan(experiment.plan(args))
         return 0
     return int(experiment.run(args) or 0)

@@ -1,17 +1,22 @@
 """Named experiments that reproduce a paper's tables: `lightnets repro NAME`.
 
 Each experiment module in this package registers itself with `register_experiment`, giving a
-function that adds its command-line options and a function that runs it. The shared runner
-(`lightnets.experiments.base`) trains the experiment's variants x seeds, resumably, and writes
-the results table with the paper's numbers beside ours; `lightnets.experiments.plan` resolves
-every run's setting and its deviations from the paper's before anything runs (`--dry-run`).
+function that adds its command-line options and a function that runs it. What they share:
+
+    spec      ExperimentSpec / Variant: what to train (variants x seeds), the paper beside it
+    runner    run_experiment(spec) and run_one(...): train, resume or skip runs, resumably
+    results   RunResult / VariantResult / ExperimentResults and their statistics
+    report    results.md / .json / .csv / .png, mean ± std formatting, figures
+    plan      one JSON line per run and its deviations from the paper's setting (--dry-run)
+    outdir    the out dir: experiment.json, atomic writes, rank 0 only
+    options   the options every experiment takes and their checks
 
     @register_experiment("fbn-cifar", "FBN vs BN on CIFAR", add_arguments=_add_args)
     def fbn_cifar(args: argparse.Namespace) -> int: ...
 
-Experiment modules are imported on first use of the registry (every module of this package
-except `base` and `plan`), so adding an experiment means adding a module; nothing else is
-edited.
+Experiment modules (one per paper: a module, or a package of one module per experiment) are
+imported on first use of the registry (every module of this package but the shared ones
+above), so adding an experiment means adding a module; nothing else is edited.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from lightnets.errors import UserError, did_you_mean
 
 __all__ = ["Experiment", "get_experiment", "list_experiments", "register_experiment"]
 
-_NOT_EXPERIMENTS = frozenset({"base", "plan"})
+#: The shared modules, which define no experiment.
+_NOT_EXPERIMENTS = frozenset({"options", "outdir", "plan", "report", "results", "runner", "spec"})
 
 
 @dataclass(frozen=True)

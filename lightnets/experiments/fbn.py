@@ -37,11 +37,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from lightnets.engine.overrides import add_set_option
 from lightnets.errors import UserError
 from lightnets.experiments import register_experiment
-from lightnets.experiments.base import int_list, plan_spec, toml_string
+from lightnets.experiments.options import add_run_options, check_counts, int_list, toml_string
 from lightnets.experiments.plan import PaperSetting
+from lightnets.experiments.runner import run_experiment
+from lightnets.experiments.spec import ExperimentSpec, Variant
 
 # The paper's numbers, copied verbatim (top-1 accuracy in %, test set).
 #: Table 5: Finet (large) on CIFAR-10/100, [dataset][affine][G].
@@ -180,16 +181,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="stop each run after this many steps (smoke runs)")
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--lr", type=float, help="override the recipe's learning rate")
-    add_set_option(p, "config override passed to every run, e.g. --set data.num_workers=4")
-    p.add_argument(
-        "--out",
-        type=Path,
-        help="experiment dir (default runs/repro/fbn-cifar-<data>[-cpg|-<resnet>])",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="delete an existing --out dir and start afresh"
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or epoch lines")
+    add_run_options(p, "data.num_workers=4", "runs/repro/fbn-cifar-<data>[-cpg|-<resnet>]")
 
 
 def _affine_values(text: str | None) -> list[bool]:
@@ -204,13 +196,11 @@ def build_variants(
     affine: str | None = None,
     channels_per_group: list[int] | None = None,
     model: str | None = None,
-) -> list:
+) -> list[Variant]:
     """The variants of one study ("table5", "table6" or "table7") with the paper's numbers.
 
     `paper_data` names the paper column used (cifar10 or cifar100).
     """
-    from lightnets.experiments.base import Variant
-
     variants = []
     if study == "table5":
         table = PAPER_TABLE5[paper_data]
@@ -275,10 +265,8 @@ def build_variants(
     return variants
 
 
-def build_spec(args: argparse.Namespace):
+def build_spec(args: argparse.Namespace) -> ExperimentSpec:
     """The runner's ExperimentSpec for parsed `fbn-cifar` arguments (validates them)."""
-    from lightnets.experiments.base import ExperimentSpec
-
     groups = int_list(args.groups, "--groups")
     cpg = int_list(args.channels_per_group, "--channels-per-group")
     model = args.model
@@ -308,12 +296,7 @@ def build_spec(args: argparse.Namespace):
             )
     else:
         study = "table5"
-    if args.seeds < 1:
-        raise UserError(f"--seeds {args.seeds}: expected at least 1")
-    for option in ("epochs", "max_steps", "batch_size"):
-        value = getattr(args, option)
-        if value is not None and value < 1:
-            raise UserError(f"--{option.replace('_', '-')} {value}: expected at least 1")
+    check_counts(args, "seeds", "epochs", "max_steps", "batch_size")
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr {args.lr}: expected a positive learning rate")
 
@@ -429,11 +412,9 @@ def build_spec(args: argparse.Namespace):
     "fbn-cifar",
     "Finet Sec. 5.3: BN vs FBN on CIFAR (Tables 5-7), or small-scale on the bundled MNIST",
     add_arguments=add_arguments,
-    plan=lambda args: plan_spec(build_spec(args)),
+    plan=lambda args: build_spec(args).plan(),
 )
 def fbn_cifar(args: argparse.Namespace) -> int:
     """Run the fbn-cifar experiment; returns 0 (results are written to the out dir)."""
-    from lightnets.experiments.base import run_experiment
-
     run_experiment(build_spec(args))
     return 0

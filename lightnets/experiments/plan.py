@@ -27,17 +27,24 @@ from typing import Any
 from lightnets.data.augment import describe_augment
 from lightnets.data.registry import dataset_info, describe_loading
 from lightnets.engine.config import Config, ScheduleConfig
+from lightnets.experiments.outdir import is_main_process
 from lightnets.models.registry import model_arguments
 
 __all__ = [
+    "PLAN_FILE",
     "PLAN_KEYS",
     "PaperSetting",
     "deviations",
     "describe_dataset",
     "describe_schedule",
     "plan_line",
+    "plan_text",
+    "print_plan",
     "resolve_run",
 ]
+
+#: The plan of a real run, kept beside its results.
+PLAN_FILE = "plan.jsonl"
 
 #: The keys of a plan line, in order ("epochs" is "max_steps" for iteration-based runs).
 PLAN_KEYS = (
@@ -209,6 +216,17 @@ def plan_line(
     else:
         line["deviations"] = deviations(line, config, paper, runs)
     return line
+
+
+def plan_text(lines: list[dict[str, Any]]) -> str:
+    """The plan as JSON lines (what --dry-run prints and plan.jsonl holds)."""
+    return "".join(json.dumps(line, default=str, ensure_ascii=False) + "\n" for line in lines)
+
+
+def print_plan(lines: list[dict[str, Any]]) -> None:
+    """Print the plan, one JSON line per run (rank 0 only)."""
+    if is_main_process():
+        print(plan_text(lines), end="", flush=True)
 
 
 def _round(value: float) -> float:

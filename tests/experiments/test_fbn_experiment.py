@@ -11,7 +11,6 @@ import torch
 from lightnets.commands.repro import add_repro_arguments, repro_command
 from lightnets.errors import UserError
 from lightnets.experiments import get_experiment, list_experiments
-from lightnets.experiments.base import summarize
 from lightnets.experiments.fbn import (
     PAPER_TABLE5,
     PAPER_TABLE6,
@@ -20,6 +19,8 @@ from lightnets.experiments.fbn import (
     build_variants,
     scaled_milestones,
 )
+from lightnets.experiments.results import summarize
+from lightnets.experiments.runner import run_experiment
 
 torch.set_num_threads(1)
 
@@ -131,8 +132,6 @@ def test_toy_run_results_resume_skip_and_refusal(tmp_path, capsys, monkeypatch):
 
 def test_unbuildable_variant_is_na_not_a_crash(tmp_path, capsys):
     """A G that the model cannot use is reported as n/a with its reason (no training)."""
-    from lightnets.experiments.base import run_experiment
-
     # more groups than any layer of finet_small has input channels (24/30/60/120)
     args = _args(*_toy(tmp_path / "exp"), "--groups", "1000")
     spec = build_spec(args)

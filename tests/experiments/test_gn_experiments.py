@@ -19,7 +19,6 @@ from lightnets.commands.repro import add_repro_arguments, repro_command
 from lightnets.engine.config import load_config
 from lightnets.errors import UserError
 from lightnets.experiments import list_experiments
-from lightnets.experiments.base import int_list, toml_string
 from lightnets.experiments.gn import (
     PERCENTILE_FILE,
     FeaturePercentiles,
@@ -28,6 +27,7 @@ from lightnets.experiments.gn import (
     groups_spec,
     scaled_milestones,
 )
+from lightnets.experiments.options import int_list, toml_string
 from lightnets.experiments.plan import resolve_run
 from lightnets.models import create_model
 

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from lightnets.experiments.base import (
+from lightnets.experiments.report import format_table
+from lightnets.experiments.results import (
     ExperimentResults,
-    ExperimentSpec,
     RunResult,
-    Variant,
-    format_table,
     median_of_last,
     variant_result,
 )
+from lightnets.experiments.spec import ExperimentSpec, Variant
 
 # val_acc1 per epoch, up and down: no order statistic of a monotonic series hides a bug
 SERIES = [50.0, 71.0, 64.0, 80.0, 77.0, 91.0, 85.0, 88.0, 79.0, 90.0]
