@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lightnets.engine.binary import BinaryTraining
 from lightnets.engine.callbacks import NoFlipStopping
 from lightnets.engine.config import load_config
 from lightnets.engine.trainer import Trainer
@@ -38,7 +39,7 @@ def test_bnn_mnist_bop_trains_the_binary_weights_with_bop(tmp_path):
     c = load_config("bnn_mnist_bop", [*overrides, "optim.bop_gamma=0.02"])
     trainer = Trainer(c, tmp_path / "run")
     bop = trainer.optimizer["binary"]
-    assert isinstance(bop, Bop) and trainer.bop is bop
+    assert isinstance(bop, Bop) and trainer.part(BinaryTraining).bop is bop
     group = bop.param_groups[0]
     assert (group["gamma"], group["threshold"], group["flip_test"]) == (
         0.02,
@@ -86,7 +87,10 @@ def test_binarynet_cifar_trains_on_cifar_files(tmp_path):
     assert isinstance(trainer.optimizer, CompositeOptimizer)
     convs = 9 * (3 * 128 + 128 * 128 + 128 * 256 + 256 * 256 + 256 * 512 + 512 * 512)
     fcs = 512 * 4 * 4 * 1024 + 1024 * 1024 + 1024 * 10
-    assert isinstance(trainer.bop, Bop) and trainer.bop.num_binary == convs + fcs
+    assert (
+        isinstance(trainer.part(BinaryTraining).bop, Bop)
+        and trainer.part(BinaryTraining).bop.num_binary == convs + fcs
+    )
     assert any(isinstance(cb, NoFlipStopping) and cb.patience == 10 for cb in trainer.callbacks)
     # [Re] §3.3: "The last 10% of the training data was used for validation": the last 7 of
     # the 70 images in file order (data_batch_5's tail), the same for every seed
@@ -101,9 +105,13 @@ def test_binarynet_cifar_trains_on_cifar_files(tmp_path):
     row = trainer.fit()
     assert trainer.step == 1 and row["bop_gamma"] == pytest.approx(1e-4)
     # after one epoch of a 500-epoch run gamma is not decayed yet (x0.1 only after epoch 100)
-    assert trainer.bop.param_groups[0]["gamma"] == pytest.approx(1e-4)
-    sched = trainer.binary_scheduler
-    assert (sched.name, sched.keys, sched.optimizer) == ("step", ("gamma",), trainer.bop)
+    assert trainer.part(BinaryTraining).bop.param_groups[0]["gamma"] == pytest.approx(1e-4)
+    sched = trainer.part(BinaryTraining).binary_scheduler
+    assert (sched.name, sched.keys, sched.optimizer) == (
+        "step",
+        ("gamma",),
+        trainer.part(BinaryTraining).bop,
+    )
     for p in binary_parameters(trainer.model):
         assert bool(((p == 1) | (p == -1)).all())
     assert (tmp_path / "run" / "best.pt").is_file() and "val_loss" in row

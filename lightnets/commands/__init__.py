@@ -14,7 +14,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lightnets.data import build_batch_augment, load_dataset
 from lightnets.engine.checkpoint import load_checkpoint_model
+from lightnets.engine.config import load_config
+from lightnets.engine.datasets import dataset_attr
 from lightnets.engine.overrides import add_set_option, parse_kwargs, parse_literal
 from lightnets.errors import UserError
 
@@ -67,7 +70,6 @@ def checkpoint_input_size(ckpt: dict[str, Any]) -> tuple[int, ...]:
     data.image_size when the recipe sets it, else the dataset's own image size (the dataset is
     opened, not downloaded); in_chans from the model arguments, else the dataset's.
     """
-    from lightnets.engine.config import load_config
 
     where = ckpt.get("path", "the checkpoint")
     model_args = ckpt.get("model_args") or {}
@@ -96,22 +98,18 @@ def eval_loader(config, split: str, batch_size: int | None = None):
     """(DataLoader, eval augmentation) of a run's `split`, as `lightnets eval` reads it."""
     import torch
 
-    from lightnets.data import build_batch_augment, load_dataset
-    from lightnets.engine.trainer import _dataset_attr
-
     dataset = load_dataset(config.data.name, root=config.data.root, split=split, **config.data.args)
     augment = build_batch_augment(
         config.data.eval_augment,
-        mean=_dataset_attr(dataset, "mean", None),
-        std=_dataset_attr(dataset, "std", None),
-        image_size=config.data.image_size or _dataset_attr(dataset, "image_size", None),
+        mean=dataset_attr(dataset, "mean", None),
+        std=dataset_attr(dataset, "std", None),
+        image_size=config.data.image_size or dataset_attr(dataset, "image_size", None),
     )
     size = batch_size or config.data.eval_batch_size or config.data.per_process_batch(1)
     return torch.utils.data.DataLoader(dataset, batch_size=size), augment
 
 
 def _open_dataset(config, where: str):
-    from lightnets.data import load_dataset
 
     split = config.data.val_split or config.data.train_split
     try:

@@ -36,6 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightnets.commands import load_checkpoint_model, resolve_checkpoint_path
+from lightnets.data import build_batch_augment, load_dataset
+from lightnets.data.images import open_image
+from lightnets.engine.config import load_config
+from lightnets.engine.datasets import dataset_attr
+from lightnets.engine.files import atomic_path, storage_errors
 from lightnets.errors import UserError
 
 __all__ = [
@@ -303,7 +309,6 @@ def _read_image(
     """(uint8 tensor (1, C, H, W), the (H, W, 3) uint8 RGB pixels for the overlay); the
     reading policy of `lightnets.data.images` (16-bit refused, not clipped; a bomb-sized image
     is one line). For an RGB model both share one copy of the image's pixels."""
-    from lightnets.data.images import open_image
 
     if not path.is_file():
         raise UserError(f"image {path} does not exist: expected an image file")
@@ -324,8 +329,6 @@ def _run_normalization(config, args, channels: int, where: str):
     needs = any(op == "normalize" for op in config.data.eval_augment)
     if not needs or (mean is not None and std is not None):
         return mean, std
-    from lightnets.data import load_dataset
-    from lightnets.engine.trainer import _dataset_attr
 
     try:
         dataset = load_dataset(
@@ -340,8 +343,8 @@ def _run_normalization(config, args, channels: int, where: str):
             f"cannot read the normalization of {where}: its dataset {config.data.name!r} "
             f"could not be opened ({first[:160]}); pass --mean and --std"
         ) from None
-    mean = mean or _dataset_attr(dataset, "mean", None)
-    std = std or _dataset_attr(dataset, "std", None)
+    mean = mean or dataset_attr(dataset, "mean", None)
+    std = std or dataset_attr(dataset, "std", None)
     return mean, std
 
 
@@ -360,7 +363,6 @@ def _outputs(args) -> tuple[Path, Path]:
 def _save_png(image, path: Path) -> None:
     """Write `image` as PNG atomically: a killed or failed write (a full disk: one
     StorageError) leaves no half file and the previous one, if any, as it was."""
-    from lightnets.engine.files import atomic_path, storage_errors
 
     with storage_errors(path), atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
@@ -369,10 +371,6 @@ def _save_png(image, path: Path) -> None:
 def predict_command(args: argparse.Namespace) -> int:
     """Run `lightnets predict`; returns the exit code."""
     from PIL import Image
-
-    from lightnets.commands import load_checkpoint_model, resolve_checkpoint_path
-    from lightnets.data import build_batch_augment
-    from lightnets.engine.config import load_config
 
     for option in ("tile", "batch_size", "max_pixels"):
         value = getattr(args, option)

@@ -2,7 +2,8 @@
 
 from lightnets.engine.callbacks import Callback, EarlyStopping, NoFlipStopping
 from lightnets.engine.config import Config, list_recipes, load_config
-from lightnets.engine.trainer import NonFiniteError, Trainer, evaluate
+from lightnets.engine.evaluation import evaluate
+from lightnets.engine.trainer import NonFiniteError, Trainer
 
 __all__ = [
     "Callback",

@@ -29,6 +29,40 @@ class Callback:
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class TrainingPart:
+    """A part of training that the Trainer composes without knowing what it is about (e.g.
+    `lightnets.engine.binary.BinaryTraining`): hooks at the points of a step and an epoch that
+    callbacks do not reach, its own schedulers and checkpoint entries. Override what you need.
+    """
+
+    def unclipped_parameters(self) -> list:
+        """Parameters whose gradients train.grad_clip must leave alone (a signal of their own,
+        e.g. Bop's, which one norm over all parameters would rescale)."""
+        return []
+
+    def after_optimizer_step(self, trainer: Trainer) -> None:
+        """After every optimizer step, before the lr schedule steps."""
+
+    def end_epoch(self, trainer: Trainer) -> dict[str, Any]:
+        """At an epoch's end, before the row is complete: columns to add to it."""
+        return {}
+
+    def callbacks(self) -> list[Callback]:
+        """Callbacks the part brings along (added after the user's)."""
+        return []
+
+    def schedulers(self) -> dict[str, tuple[str, Any]]:
+        """checkpoint key -> (config section, scheduler) of the part's schedules."""
+        return {}
+
+    def state_entries(self) -> dict[str, Any]:
+        """Checkpoint entries of the part (plain values and tensors only)."""
+        return {}
+
+    def load_state_entries(self, ckpt: dict[str, Any]) -> None:
+        """Take the part's entries back from a checkpoint (missing ones keep their default)."""
+
+
 class EarlyStopping(Callback):
     """Stop when `monitor` (a column of the epoch row) has not improved for `patience` epochs."""
 
@@ -87,7 +121,7 @@ class NoFlipStopping(Callback):
         self.flipless = 0
 
     def on_train_start(self, trainer: Trainer) -> None:
-        if getattr(trainer, "bop", None) is None:
+        if all(getattr(part, "bop", None) is None for part in trainer.parts):
             raise UserError(
                 "stopping after epochs without flips needs Bop: expected optim.binary = 'bop' "
                 "and a model with binary layers in bop mode"

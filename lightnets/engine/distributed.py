@@ -7,9 +7,16 @@ the same trainer code runs single-process and DDP.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from lightnets.deploy.fuse import is_foldable_norm, set_module
+from lightnets.deploy.normact import name_a_few, split_norm_act
+from lightnets.errors import UserError
+from lightnets.nn.fbn import FBNConv2d
 
 
 def env_world_size() -> int:
@@ -72,8 +79,6 @@ def local_device(requested: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from lightnets.errors import UserError
-
         raise UserError(f"train.device={requested!r} but CUDA is not available: use 'cpu'")
     return device
 
@@ -85,3 +90,47 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def sync_batch_statistics(model: nn.Module, device: torch.device) -> nn.Module:
+    """`train.sync_bn`: batch statistics over all processes, for BN (torch's SyncBatchNorm,
+    CUDA only) and for FBN (its sync_stats all-reduce, any backend). Returns the model.
+
+    torch's `convert_sync_batchnorm` turns any BatchNorm subclass into a plain SyncBatchNorm,
+    which drops the activation of timm's BatchNormAct2d and the like: such layers are split
+    first (`lightnets.deploy.normact`: the norm is synced, the activation kept; their state
+    keys gain a ``.norm``), and BN subclasses with a forward of their own that cannot be
+    split are left unsynced, with a warning naming them. lightnets' FrozenBatchNorm and
+    BatchRenorm are left as they are."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn and device.type != "cuda":
+        raise UserError(
+            "train.sync_bn=true needs CUDA devices for the model's BatchNorm layers (torch's "
+            "SyncBatchNorm has no CPU kernel): expected train.sync_bn=false on CPU, or a model "
+            "whose only batch norms are FBN layers"
+        )
+    for m in model.modules():
+        if isinstance(m, FBNConv2d):
+            m.sync_stats = True
+    if not has_bn:
+        return model
+    model, report = split_norm_act(model)
+    if report.unsplit:
+        names = list(report.unsplit)
+        warnings.warn(
+            f"train.sync_bn: left {len(names)} norm layer(s) with a forward of their own "
+            f"unsynced: {name_a_few(names)} ({report.unsplit[names[0]]}; a plain SyncBatchNorm "
+            "in their place would drop what their forward adds)",
+            stacklevel=2,
+        )
+    plain = [
+        (name, m)
+        for name, m in model.named_modules()
+        if is_foldable_norm(m) and not isinstance(m, nn.SyncBatchNorm)
+    ]
+    for name, m in plain:
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(m)
+        if not name:
+            return synced
+        set_module(model, name, synced)
+    return model

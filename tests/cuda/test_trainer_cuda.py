@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lightnets.engine import Callback, Trainer, load_config
+from lightnets.engine.binary import BinaryTraining
 from lightnets.engine.checkpoint import load_checkpoint
 from lightnets.nn import FBNConv2d
 
@@ -129,7 +130,7 @@ def test_train_then_resume(device, tmp_path, variant):
         assert all(cl for _, cl in activations.seen), activations.seen
     if variant == "bop":
         assert "flips" in row and row["flips"] > 0 and math.isfinite(row["log_flip_ratio"])
-        for p in full.bop.param_groups[0]["params"]:
+        for p in full.part(BinaryTraining).bop.param_groups[0]["params"]:
             assert bool(((p == 1) | (p == -1)).all())
 
     cut = tmp_path / "cut"

@@ -8,6 +8,7 @@ import torch
 
 from lightnets.data import load_dataset, render_scene
 from lightnets.data.synthetic_buildings import SYNTHETIC_MEAN, SYNTHETIC_STD, scene_rng
+from lightnets.engine.metrics import correct_predictions
 from lightnets.errors import UserError
 
 
@@ -159,6 +160,8 @@ def test_two_segmentation_steps_on_synthetic_buildings(tmp_path):
     output = torch.stack([logits, logits])
     target = torch.tensor([[[1, 1], [1, 0]], [[-100, -100], [1, -100]]])
     assert trainer.config.train.ignore_index is None
-    assert trainer._correct(output, target) == (4.0, 5.0)  # 4 of 5 labelled pixels
-    trainer.config.train.ignore_index = 255
-    assert trainer._correct(output, target.where(target >= 0, 255)) == (4.0, 5.0)
+    correct, counted = correct_predictions(output, target, "segmentation", None)
+    assert (float(correct), float(counted)) == (4.0, 5.0)  # 4 of 5 labelled pixels
+    padded = target.where(target >= 0, 255)
+    correct, counted = correct_predictions(output, padded, "segmentation", 255)
+    assert (float(correct), float(counted)) == (4.0, 5.0)

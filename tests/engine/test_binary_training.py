@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from lightnets.data import load_dataset
+from lightnets.engine.binary import BinaryTraining
 from lightnets.engine.callbacks import Callback, NoFlipStopping
 from lightnets.engine.checkpoint import load_checkpoint
 from lightnets.engine.config import load_config
@@ -184,7 +185,7 @@ def test_flips_and_log_flip_ratio_in_the_metrics(tmp_path, small_data):
     t = _trainer(tmp_path, "bnn_mnist_bop", ["train.epochs=2"], small_data, callbacks=[watcher])
     row = t.fit()
     rows = _rows(tmp_path / "run")
-    assert t.bop.num_binary == N_BINARY and len(watcher.flips) == 8
+    assert t.part(BinaryTraining).bop.num_binary == N_BINARY and len(watcher.flips) == 8
     assert sum(watcher.flips) > 0  # gamma 1e-3, tau 1e-6: the first steps flip weights
     for epoch, r in enumerate(rows):
         per_step = watcher.flips[4 * epoch : 4 * epoch + 4]
@@ -218,10 +219,10 @@ def test_gamma_follows_the_binary_schedule_and_lr_its_own(tmp_path, small_data, 
     rows = _rows(tmp_path / "run")
     if unit == "epoch":  # gamma of the epoch's last step: 1e-3, then 5e-4
         assert [r["bop_gamma"] for r in rows] == pytest.approx([1e-3, 5e-4])
-        assert t.bop.param_groups[0]["gamma"] == pytest.approx(2.5e-4)
+        assert t.part(BinaryTraining).bop.param_groups[0]["gamma"] == pytest.approx(2.5e-4)
     else:  # x0.5 every 2 steps; the last (8th) step ran at t=7: 1e-3 * 0.5**3
         assert [r["bop_gamma"] for r in rows] == pytest.approx([1e-3 * 0.5**1, 1e-3 * 0.5**3])
-    assert t.bop.param_groups[0]["threshold"] == 1e-6  # not scheduled
+    assert t.part(BinaryTraining).bop.param_groups[0]["threshold"] == 1e-6  # not scheduled
     assert [r["lr"] for r in rows] == pytest.approx([1e-4, 1e-5])  # Adam's own schedule
 
 
@@ -233,7 +234,9 @@ def test_resume_continues_bop_and_adam_exactly(tmp_path, small_data):
     half.fit()
     config = load_config("bnn_mnist_bop", [*QUIET, "train.epochs=2", *sched])
     resumed = Trainer(config, tmp_path / "half", resume=True, datasets=small_data)
-    assert resumed.bop.param_groups[0]["gamma"] == pytest.approx(1e-4)  # decayed once
+    assert resumed.part(BinaryTraining).bop.param_groups[0]["gamma"] == pytest.approx(
+        1e-4
+    )  # decayed once
     resumed.fit()
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
