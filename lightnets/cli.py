@@ -16,8 +16,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lightnets.commands import add_set_option
+from lightnets.commands import add_set_option, eval_loader
+from lightnets.commands.data import add_data_arguments, data_command
+from lightnets.commands.export import add_export_arguments, export_command
+from lightnets.commands.predict import add_predict_arguments, predict_command
+from lightnets.commands.profile import add_profile_arguments, profile_command
+from lightnets.commands.repro import add_repro_arguments, repro_command
+from lightnets.demo import run_demo
+from lightnets.engine.checkpoint import load_checkpoint, load_model_state
+from lightnets.engine.config import Config, list_recipes, load_config, recipe_path
+from lightnets.engine.distributed import shutdown_distributed
+from lightnets.engine.trainer import Trainer, evaluate
 from lightnets.errors import StorageError, UserError
+from lightnets.models.registry import create_model
 from lightnets.registry import Registry
 
 #: Subcommands: name -> (help, add_arguments(parser), run(args) -> exit code).
@@ -63,9 +74,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 @command("train", "train a model from a recipe", _train_args)
 def train_command(args: argparse.Namespace) -> int:
-    from lightnets.engine.config import Config, load_config
-    from lightnets.engine.distributed import shutdown_distributed
-    from lightnets.engine.trainer import Trainer
 
     if args.list:
         print(_recipe_table())
@@ -102,7 +110,6 @@ def train_command(args: argparse.Namespace) -> int:
 def _recipe_table() -> str:
     """One line per shipped recipe: name, model on dataset, the first sentence of its header
     comment (whole, never cut in the middle)."""
-    from lightnets.engine.config import list_recipes, load_config, recipe_path
 
     lines = []
     for name in list_recipes():
@@ -152,11 +159,6 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 @command("eval", "evaluate a checkpoint on a data split", _eval_args)
 def eval_command(args: argparse.Namespace) -> int:
-    from lightnets.commands import eval_loader
-    from lightnets.engine.checkpoint import load_checkpoint, load_model_state
-    from lightnets.engine.config import load_config
-    from lightnets.engine.trainer import evaluate
-    from lightnets.models.registry import create_model
 
     path = args.checkpoint
     if path.is_dir():
@@ -199,7 +201,6 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     _demo_args,
 )
 def demo_command(args: argparse.Namespace) -> int:
-    from lightnets.demo import run_demo
 
     overrides = []
     if args.epochs is not None:
@@ -219,11 +220,6 @@ def demo_command(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- deploy & analysis
 def _register_feature_commands() -> None:
     """Commands whose code lives in lightnets.commands (one module per command)."""
-    from lightnets.commands.data import add_data_arguments, data_command
-    from lightnets.commands.export import add_export_arguments, export_command
-    from lightnets.commands.predict import add_predict_arguments, predict_command
-    from lightnets.commands.profile import add_profile_arguments, profile_command
-    from lightnets.commands.repro import add_repro_arguments, repro_command
 
     command(
         "export",

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lightnets.analysis.profile import format_count, profile
+from lightnets.deploy.export import export
 from lightnets.deploy.fuse import fuse
 from lightnets.engine.config import load_config
 from lightnets.engine.trainer import Trainer
@@ -60,8 +61,6 @@ def run_demo(run_dir: Path, overrides: list[str] = ()) -> dict[str, float]:
     x0 = next(iter(loader))[0]
     input_size = (1, *x0.shape[1:])
     prof = profile(model, input_size)
-
-    from lightnets.deploy.export import export
 
     onnx_path = Path(run_dir) / "model.onnx"
     result = export(model, onnx_path, input_size=input_size)

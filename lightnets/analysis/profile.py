@@ -37,7 +37,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightnets.deploy.fuse import fuse
+from lightnets.deploy.pack import pack_binary
 from lightnets.errors import UserError
+from lightnets.nn.binary import is_binary_layer
+from lightnets.nn.fbn import FBNConv2d
+from lightnets.nn.packed import is_packed_layer, packed_weight_count
 
 __all__ = ["LayerRow", "Profile", "format_count", "profile"]
 
@@ -215,11 +220,6 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def _find_deploy(model: nn.Module):
     """(function, its name) that makes the inference form of `model`, or (None, "")."""
-    try:
-        from lightnets.deploy.fuse import fuse
-        from lightnets.deploy.pack import is_binary_layer, pack_binary
-    except ImportError:
-        return None, ""
     if not any(is_binary_layer(m) for m in model.modules()):
         return fuse, "lightnets.deploy.fuse"
 
@@ -236,8 +236,6 @@ def _find_deploy(model: nn.Module):
 
 def _packed_values(model: nn.Module) -> tuple[int, int]:
     """(weights stored as bits, real numbers kept in buffers) of the packed layers."""
-    from lightnets.deploy.pack import is_packed_layer, packed_weight_count
-
     floats = sum(
         b.numel()
         for m in model.modules()
@@ -248,18 +246,8 @@ def _packed_values(model: nn.Module) -> tuple[int, int]:
     return packed_weight_count(model), floats
 
 
-def _fbn_class() -> type | None:
-    try:
-        from lightnets.nn.fbn import FBNConv2d
-    except ImportError:
-        return None
-    return FBNConv2d
-
-
-def _is_fbn(module: nn.Module, fbn_cls: type | None) -> bool:
-    if fbn_cls is not None and isinstance(module, fbn_cls):
-        return True
-    return type(module).__name__ == "FBNConv2d"
+def _is_fbn(module: nn.Module) -> bool:
+    return isinstance(module, FBNConv2d)
 
 
 def _input_dtype(model: nn.Module) -> torch.dtype:
@@ -270,9 +258,8 @@ def _input_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _measure(model: nn.Module, size: tuple[int, ...], device: torch.device) -> _Measured:
-    fbn_cls = _fbn_class()
     named = list(model.named_modules())
-    fbn_names = [n for n, mod in named if _is_fbn(mod, fbn_cls)]
+    fbn_names = [n for n, mod in named if _is_fbn(mod)]
 
     def under_fbn(name: str) -> bool:
         return any(name != f and (f == "" or name.startswith(f + ".")) for f in fbn_names)

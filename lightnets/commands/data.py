@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lightnets.data.buildings import tile_buildings
 from lightnets.errors import UserError
 
 __all__ = ["add_data_arguments", "data_command"]
@@ -56,7 +57,6 @@ def data_command(args: argparse.Namespace) -> int:
     action = getattr(args, "action", None)
     if action is None:
         raise UserError("no action given: expected `lightnets data tile ROOT OUT` (see --help)")
-    from lightnets.data.buildings import tile_buildings
 
     splits = None
     if args.splits is not None:

@@ -19,6 +19,16 @@ import argparse
 import json
 from pathlib import Path
 
+from lightnets.commands import (
+    checkpoint_input_size,
+    eval_loader,
+    load_checkpoint_model,
+    parse_input_size,
+    resolve_checkpoint_path,
+)
+from lightnets.deploy.export import LCE_CHECK_BATCH, SUFFIXES, export
+from lightnets.deploy.lce import LceModel
+from lightnets.engine.config import load_config
 from lightnets.errors import UserError
 from lightnets.optional import require
 
@@ -78,13 +88,6 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 def export_command(args: argparse.Namespace) -> int:
     """Run `lightnets export`; returns the exit code."""
-    from lightnets.commands import (
-        checkpoint_input_size,
-        load_checkpoint_model,
-        parse_input_size,
-        resolve_checkpoint_path,
-    )
-    from lightnets.deploy.export import LCE_CHECK_BATCH, SUFFIXES, export
 
     ckpt_path = resolve_checkpoint_path(args.checkpoint, args.best)
     fmt = args.format
@@ -176,8 +179,6 @@ def _file_runner(path: Path, fmt: str):
     import torch
 
     if fmt == "lce":
-        from lightnets.deploy.lce import LceModel
-
         return LceModel(path.read_bytes())
     if fmt == "torchscript":
         return torch.jit.load(str(path), map_location="cpu")
@@ -190,9 +191,6 @@ def _file_runner(path: Path, fmt: str):
 def _check_split(path: Path, fmt: str, model, ckpt: dict, split: str) -> dict:
     """Accuracy of the model and of the file on every image of `split`, and disagreements."""
     import torch
-
-    from lightnets.commands import eval_loader
-    from lightnets.engine.config import load_config
 
     config = load_config(ckpt["config"])
     if config.train.task != "classification":

@@ -11,8 +11,17 @@ import argparse
 import json
 from pathlib import Path
 
-from lightnets.commands import add_set_option
+from lightnets.analysis.profile import format_count, profile
+from lightnets.commands import (
+    add_set_option,
+    checkpoint_input_size,
+    load_checkpoint_model,
+    parse_input_size,
+    parse_kwargs,
+    resolve_checkpoint_path,
+)
 from lightnets.errors import UserError
+from lightnets.models.registry import create_model, list_models
 
 __all__ = ["add_profile_arguments", "profile_command"]
 
@@ -38,15 +47,6 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
 
 def profile_command(args: argparse.Namespace) -> int:
     """Run `lightnets profile`; returns the exit code."""
-    from lightnets.analysis.profile import format_count, profile
-    from lightnets.commands import (
-        checkpoint_input_size,
-        load_checkpoint_model,
-        parse_input_size,
-        parse_kwargs,
-        resolve_checkpoint_path,
-    )
-    from lightnets.models.registry import create_model, list_models
 
     kwargs = parse_kwargs(args.model_kwargs)
     if args.model not in list_models() and _looks_like_path(args.model):

@@ -31,8 +31,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightnets.deploy.normact import NormAct, name_a_few, split_norm_act
 from lightnets.errors import UserError
+from lightnets.nn.binary import is_binary_layer
 from lightnets.nn.fbn import FBNConv2d, FBNNormSlot
 from lightnets.nn.norm import BatchRenorm, FrozenBatchNorm
+from lightnets.nn.packed import is_packed_layer
 
 __all__ = [
     "REPARAMETERIZE_HOOKS",
@@ -448,8 +450,6 @@ def _copy_of(model: nn.Module) -> nn.Module:
 
 def _norms_after_binary(model: nn.Module) -> set[str]:
     """Names of the BatchNorms fed by a binary or packed layer, directly or through a max-pool."""
-    from lightnets.nn.binary import is_binary_layer
-    from lightnets.nn.packed import is_packed_layer
 
     def is_binary(m: nn.Module) -> bool:
         return is_binary_layer(m) or is_packed_layer(m)

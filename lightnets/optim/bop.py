@@ -72,6 +72,7 @@ import torch
 from torch import Tensor, nn
 
 from lightnets.errors import UserError
+from lightnets.nn.binary import is_binary_layer, is_binary_parameter
 
 __all__ = [
     "Bop",
@@ -94,7 +95,6 @@ def log_flip_ratio(flips: int | float, n: int) -> float:
 
 def named_binary_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, weight) of every trainable binary-layer weight in bop mode, once each."""
-    from lightnets.nn.binary import is_binary_layer
 
     ids = set()
     for module in model.modules():
@@ -183,7 +183,6 @@ _NAMES_HINT = (
 
 
 def _is_binary_weight(p: Tensor) -> bool:
-    from lightnets.nn.binary import is_binary_parameter
 
     return is_binary_parameter(p)
 

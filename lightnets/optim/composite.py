@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from lightnets.errors import UserError, did_you_mean
+from lightnets.optim.bop import Bop, binary_parameters, named_binary_parameters
+from lightnets.optim.factory import build_optimizer
 
 __all__ = ["BINARY_OPTIMIZERS", "CompositeOptimizer", "build_binary_optimizer"]
 
@@ -142,8 +144,6 @@ def build_binary_optimizer(
     (`Bop(binary weights, threshold, gamma, flip_test=flip_test)`). A model without binary
     weights in bop mode is refused: Bop would have nothing to flip.
     """
-    from lightnets.optim.bop import Bop, binary_parameters, named_binary_parameters
-    from lightnets.optim.factory import build_optimizer
 
     key = str(binary).lower()
     if key not in BINARY_OPTIMIZERS:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightnets.errors import UserError
+from lightnets.optim.bop import named_binary_parameters
 from lightnets.registry import Registry
 
 __all__ = [
@@ -184,7 +185,6 @@ def build_optimizer(
 
 def _refuse_binary(model: nn.Module, exclude: list[torch.Tensor], name: str) -> None:
     """Refuse to give bop-mode binary weights (+1/-1, for Bop) to a real-valued optimizer."""
-    from lightnets.optim.bop import named_binary_parameters
 
     excluded = {id(p) for p in exclude}
     left = [n for n, p in named_binary_parameters(model) if id(p) not in excluded]
