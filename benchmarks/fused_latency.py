@@ -1,7 +1,7 @@
 """Batch-1 CPU inference latency of Finet-large-SE with FBN, fused vs unfused, vs fused BN.
 
 Models, all at 1x3x224x224, measured interleaved in one process (lightnets.analysis.latency):
-- `fbn_fused`: finet_large_se with fbn_groups=4, its FBN / BN folded (lightnets.deploy.fuse);
+- `fbn_fused`: finet_large_se with fbn_groups=4, its FBN / BN folded (lightnets.deploy.folding);
 - `fbn_unfused`: the same model as trained, in eval mode;
 - `bn_fused` (the baseline): finet_large_se with fbn_groups=1 (plain BN), folded.
 Folded FBN and folded BN are the same network (one conv with a bias per layer), so
@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from lightnets.analysis.latency import compare_latency
-from lightnets.deploy.fuse import fuse
+from lightnets.deploy.folding import fuse
 from lightnets.models.registry import create_model
 
 TORCHVISION_MODELS = ("shufflenet_v2_x1_5", "mobilenet_v2", "mobilenet_v3_large", "mnasnet1_0")

@@ -133,7 +133,7 @@ def missed_pairs(model: nn.Module, grouped: bool = False) -> list[tuple[str, str
     """Conv2d -> BatchNorm2d pairs still there that FBN applies to (not depthwise, at least 4
     input channels): with groups == 1, or with grouped=True the grouped ones of several input
     channels a group, which FBNConv2d does not support (convert_norm warns naming them)."""
-    from lightnets.deploy.fuse import find_pairs, is_foldable_linear
+    from lightnets.deploy.folding import find_pairs, is_foldable_linear
 
     def conv(m: nn.Module) -> bool:
         if not (isinstance(m, nn.Conv2d) and is_foldable_linear(m)):

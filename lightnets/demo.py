@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from lightnets.analysis.profile import format_count, profile
+from lightnets.analysis.complexity import format_count, profile
 from lightnets.deploy.export import export
-from lightnets.deploy.fuse import fuse
+from lightnets.deploy.folding import fuse
 from lightnets.engine.config import load_config
 from lightnets.engine.trainer import Trainer
 from lightnets.nn.fbn import FBNConv2d

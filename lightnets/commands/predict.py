@@ -41,8 +41,8 @@ from lightnets.data import build_batch_augment, load_dataset
 from lightnets.data.images import open_image
 from lightnets.engine.config import load_config
 from lightnets.engine.datasets import dataset_attr
-from lightnets.engine.files import atomic_path, storage_errors
 from lightnets.errors import UserError
+from lightnets.files import atomic_path, storage_errors
 
 __all__ = [
     "add_predict_arguments",

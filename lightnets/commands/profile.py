@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lightnets.analysis.profile import format_count, profile
+from lightnets.analysis.complexity import format_count, profile
 from lightnets.commands import (
     add_set_option,
     checkpoint_input_size,

@@ -2,7 +2,7 @@
 weights into bits (pack_binary) and save / load packed models."""
 
 from lightnets.deploy.convert import convert_norm
-from lightnets.deploy.fuse import fuse
+from lightnets.deploy.folding import fuse
 from lightnets.deploy.pack import load_packed, pack_binary, save_packed
 
 __all__ = ["convert_norm", "fuse", "load_packed", "pack_binary", "save_packed"]

@@ -43,7 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightnets.checks import is_int, is_number
 from lightnets.deploy.convert_fbn import convert_fbn
-from lightnets.deploy.fuse import set_module
+from lightnets.deploy.folding import set_module
 from lightnets.deploy.normact import is_norm_act_candidate, name_a_few, split_norm_act
 from lightnets.errors import UserError, did_you_mean
 from lightnets.nn.norm import AUTO_GROUPS, BatchRenorm, FrozenBatchNorm, auto_groups, make_norm

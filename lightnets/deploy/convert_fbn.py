@@ -1,12 +1,12 @@
 """``convert_norm(model, "fbn", ...)``: every Conv2d -> BatchNorm2d pair becomes one FBNConv2d.
 
-The pairs are found from the data flow, as `fuse` finds them (`lightnets.deploy.fuse.find_pairs`),
-and the BN is replaced by `FBNNormSlot` (an nn.Identity that marks the pair for a model's
-reparameterization hook at fuse time). With G = 1 the converted model computes exactly what the
-original did, in training and in eval. With G > 1 the eval output (and so the fused model) is
-still exactly the original's at conversion time; see `fbn_state` for how BN's statistics and
-affine parameters are shared out over the groups. `lightnets.deploy.convert.convert_norm` is the
-entry point; this module is its "fbn" kind.
+The pairs are found from the data flow, as `fuse` finds them
+(`lightnets.deploy.folding.find_pairs`), and the BN is replaced by `FBNNormSlot` (an nn.Identity
+that marks the pair for a model's reparameterization hook at fuse time). With G = 1 the
+converted model computes exactly what the original did, in training and in eval. With G > 1 the
+eval output (and so the fused model) is still exactly the original's at conversion time; see
+`fbn_state` for how BN's statistics and affine parameters are shared out over the groups.
+`lightnets.deploy.convert.convert_norm` is the entry point; this module is its "fbn" kind.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lightnets.checks import check_bool, check_choice, check_int
-from lightnets.deploy.fuse import (
+from lightnets.deploy.folding import (
     UNPAIRED_REASONS,
     find_pairs,
     is_foldable_linear,

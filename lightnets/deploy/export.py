@@ -1,6 +1,6 @@
 """Export a model, with its normalization folded away, to ONNX or TorchScript, and check it.
 
-`export(model, "model.onnx")` fuses the model (`lightnets.deploy.fuse.fuse`: an eval copy in
+`export(model, "model.onnx")` fuses the model (`lightnets.deploy.folding.fuse`: an eval copy in
 which every BN / FBN is folded into the conv or linear before it), writes it, and checks the
 written file: the same random input goes through the fused PyTorch model, the original model
 in eval mode and the exported file (onnxruntime on CPU for ONNX, `torch.jit.load` for
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from lightnets.deploy import lce
-from lightnets.deploy.fuse import fuse as fuse_model
+from lightnets.deploy.folding import fuse as fuse_model
 from lightnets.deploy.onnx_export import (
     EXPORTERS,
     export_onnx,

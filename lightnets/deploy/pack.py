@@ -67,7 +67,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightnets.deploy.fuse import find_pairs, is_eval_affine_norm, set_module
+from lightnets.deploy.folding import find_pairs, is_eval_affine_norm, set_module
 from lightnets.errors import UserError
 from lightnets.files import atomic_torch_save, load_model_state, read_weights_only
 from lightnets.models.registry import create_model, model_spec

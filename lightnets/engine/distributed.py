@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightnets.deploy.fuse import is_foldable_norm, set_module
+from lightnets.deploy.folding import is_foldable_norm, set_module
 from lightnets.deploy.normact import name_a_few, split_norm_act
 from lightnets.errors import UserError
 from lightnets.nn.fbn import FBNConv2d

@@ -24,7 +24,7 @@ from lightnets.errors import UserError
 from lightnets.models import finet, resnet
 from lightnets.nn.fbn import FBNConv2d
 
-PROFILE_MODULE = sys.modules["lightnets.analysis.profile"]
+PROFILE_MODULE = sys.modules["lightnets.analysis.complexity"]
 
 # Table 2 of the paper: model -> {G: (FLOPs in millions, Params in millions)}
 TABLE2 = {
@@ -143,10 +143,10 @@ def test_analytic_fused_counts_without_deploy_fuse(monkeypatch):
 
 
 def test_deploy_fuse_agrees_with_analytic(monkeypatch):
-    pytest.importorskip("lightnets.deploy.fuse")
+    pytest.importorskip("lightnets.deploy.folding")
     model = finet.finet_large_se(fbn_groups=4, num_classes=10)
     fused = profile(model, (1, 3, 32, 32))
-    assert fused.fused_by == "lightnets.deploy.fuse"
+    assert fused.fused_by == "lightnets.deploy.folding"
     monkeypatch.setattr(PROFILE_MODULE, "_find_deploy", lambda model: (None, ""))
     analytic = profile(model, (1, 3, 32, 32))
     assert (fused.fused_params, fused.fused_macs) == (analytic.fused_params, analytic.fused_macs)

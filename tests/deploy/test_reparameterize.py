@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import lightnets as ln
-from lightnets.deploy.fuse import reparameterize_
+from lightnets.deploy.folding import reparameterize_
 
 torch.set_num_threads(1)
 

@@ -125,7 +125,7 @@ def test_rng_state_round_trip_through_weights_only_file(tmp_path):
 def test_atomic_files_respect_the_umask_and_leave_no_temp(tmp_path):
     """Checkpoints get mode 0666 minus the umask like any new file (mkstemp's 0600 would
     lock teammates out), and a failed write leaves the old file and no temp file behind."""
-    from lightnets.engine.files import atomic_path
+    from lightnets.files import atomic_path
 
     old = os.umask(0o022)
     try:

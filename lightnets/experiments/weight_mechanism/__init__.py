@@ -35,7 +35,7 @@ from lightnets.experiments.weight_mechanism.paper import (
     PAPER_TABLE2,
     WM_VARIANTS,
 )
-from lightnets.experiments.weight_mechanism.param_stats import layer_stats, param_stats
+from lightnets.experiments.weight_mechanism.parameter_statistics import layer_stats, param_stats
 from lightnets.experiments.weight_mechanism.table import (
     box_plot,
     paper_table,

@@ -19,7 +19,7 @@ What is counted:
   the per-group statistics and the sum over groups are normalization work and are not
   counted, like BN.
 - `fused_params` / `fused_macs`: of the model after folding BN and FBN into the preceding
-  convs, by `lightnets.deploy.fuse.fuse` when it is importable, else computed here: a BN whose
+  convs, by `lightnets.deploy.folding.fuse` when it is importable, else computed here: a BN whose
   input is the output of a conv or linear layer is removed and that layer gains a bias (if it
   had none); an FBN conv loses its norm parameters and gains a bias of C_out. Folding changes
   no MACs under this convention. `fused_by` says which way was used.
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightnets.deploy.fuse import fuse
+from lightnets.deploy.folding import fuse
 from lightnets.deploy.pack import pack_binary
 from lightnets.errors import UserError
 from lightnets.nn.binary import is_binary_layer
@@ -221,7 +221,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 def _find_deploy(model: nn.Module):
     """(function, its name) that makes the inference form of `model`, or (None, "")."""
     if not any(is_binary_layer(m) for m in model.modules()):
-        return fuse, "lightnets.deploy.fuse"
+        return fuse, "lightnets.deploy.folding"
 
     def pack_then_fuse(m: nn.Module) -> nn.Module:
         # binary layers packed (BN after them folded in), then the real conv+BN pairs fused
@@ -230,7 +230,7 @@ def _find_deploy(model: nn.Module):
     try:
         pack_binary(model)
     except UserError:  # e.g. a kernel quantizer that is not a sign: deploy it unpacked
-        return fuse, "lightnets.deploy.fuse"
+        return fuse, "lightnets.deploy.folding"
     return pack_then_fuse, "lightnets.pack_binary + fuse"
 
 
