@@ -7,6 +7,8 @@ everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
+
 
 class UserError(ValueError):
     """Something the caller passed is wrong; the message names it and what was expected."""
@@ -23,7 +25,5 @@ class ExportCheckError(RuntimeError):
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
     """Return ' (did you mean X?)' when a close match exists, else ''."""
-    import difflib
-
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lightnets.data import build_batch_augment, load_dataset
 from lightnets.engine.checkpoint import load_checkpoint_model
 from lightnets.engine.config import load_config
@@ -96,8 +98,6 @@ def checkpoint_input_size(ckpt: dict[str, Any]) -> tuple[int, ...]:
 
 def eval_loader(config, split: str, batch_size: int | None = None):
     """(DataLoader, eval augmentation) of a run's `split`, as `lightnets eval` reads it."""
-    import torch
-
     dataset = load_dataset(config.data.name, root=config.data.root, split=split, **config.data.args)
     augment = build_batch_augment(
         config.data.eval_augment,

@@ -19,6 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from lightnets.commands import (
     checkpoint_input_size,
     eval_loader,
@@ -176,8 +178,6 @@ def export_command(args: argparse.Namespace) -> int:
 
 def _file_runner(path: Path, fmt: str):
     """A callable running the exported file on an NCHW batch (CPU)."""
-    import torch
-
     if fmt == "lce":
         return LceModel(path.read_bytes())
     if fmt == "torchscript":
@@ -190,8 +190,6 @@ def _file_runner(path: Path, fmt: str):
 
 def _check_split(path: Path, fmt: str, model, ckpt: dict, split: str) -> dict:
     """Accuracy of the model and of the file on every image of `split`, and disagreements."""
-    import torch
-
     config = load_config(ckpt["config"])
     if config.train.task != "classification":
         raise UserError(

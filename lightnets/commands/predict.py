@@ -34,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from lightnets.commands import load_checkpoint_model, resolve_checkpoint_path
 from lightnets.data import build_batch_augment, load_dataset
@@ -181,8 +183,6 @@ def sliding_window_mask(
     logits and one batch of windows, whatever the scene's size. `progress` shows a bar over the
     rows of windows (stderr).
     """
-    from tqdm import tqdm
-
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"expected one image (1, C, H, W), got shape {tuple(image.shape)}")
     th, tw = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
@@ -370,8 +370,6 @@ def _save_png(image, path: Path) -> None:
 
 def predict_command(args: argparse.Namespace) -> int:
     """Run `lightnets predict`; returns the exit code."""
-    from PIL import Image
-
     for option in ("tile", "batch_size", "max_pixels"):
         value = getattr(args, option)
         if value is not None and value < 1:

@@ -243,9 +243,9 @@ def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     """The globals numpy arrays, dtypes and scalars pickle to, under both module spellings."""
     try:
-        from numpy._core import multiarray, numeric
+        from numpy._core import multiarray, numeric  # noqa: PLC0415 (numpy >= 2)
     except ImportError:  # numpy < 2
-        from numpy.core import multiarray, numeric
+        from numpy.core import multiarray, numeric  # noqa: PLC0415
     allowed: dict[tuple[str, str], Any] = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,

@@ -83,10 +83,11 @@ def lce_stack() -> _Stack:
         os.environ["TF_USE_LEGACY_KERAS"] = "1"  # larq needs Keras 2 (tf-keras)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TF's C++ info and CUDA-probe lines
     try:
-        import larq
-        import larq_compute_engine
-        import tensorflow as tf
-        from larq_compute_engine.tflite.python.interpreter import Interpreter
+        # the optional LCE stack (pip install "lightnets[lce]"), imported on first use
+        import larq  # noqa: PLC0415
+        import larq_compute_engine  # noqa: PLC0415
+        import tensorflow as tf  # noqa: PLC0415
+        from larq_compute_engine.tflite.python.interpreter import Interpreter  # noqa: PLC0415
     except ImportError as err:
         raise UserError(
             f"format 'lce' needs TensorFlow, larq and larq-compute-engine ({err.name} is "

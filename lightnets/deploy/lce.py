@@ -98,7 +98,7 @@ def op_counts(flatbuffer: bytes) -> dict[str, int]:
     """How many times each operator occurs in the flatbuffer's main graph, by name (TFLite
     builtins such as CONV_2D, LCE's custom ops such as LceBconv2d)."""
     lce_stack()
-    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415 (lce)
 
     builtin = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(bytearray(flatbuffer), 0))

@@ -219,9 +219,10 @@ def curves_figure(rows: list[dict[str, Any]]):
     Uses an Agg canvas directly, so it works headless and leaves matplotlib's global backend
     alone.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    # matplotlib is the optional "plots" extra: imported when a plot is drawn
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
     if not rows:
         return None

@@ -196,7 +196,9 @@ class SegmentationMeter:
         number, so "loss" is the mean over every pixel of the set.
         """
         # imported here: torchmetrics pulls in scipy (about a second), for segmentation only
-        from torchmetrics.functional.classification import multiclass_confusion_matrix
+        from torchmetrics.functional.classification import (  # noqa: PLC0415
+            multiclass_confusion_matrix,
+        )
 
         preds = self._predictions(output.detach(), target)
         if preds.shape != target.shape:
