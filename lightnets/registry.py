@@ -1,5 +1,6 @@
-"""A named table of things (datasets, optimizers, quantizers, models, experiments, commands):
-one way to register, list and look up, and one error for a name that is not there.
+"""A named table of things (datasets, optimizers, quantizers, models, experiments, norm
+conversions, commands): one way to register, list and look up, and one error for a name that
+is not there.
 
 `Registry` is a read-only Mapping (``name in reg``, ``reg[name]``, ``list(reg)``), so code that
 used a plain dict keeps working; `lookup(name)` is the lookup for user input: an unknown name

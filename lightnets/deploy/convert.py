@@ -1,8 +1,9 @@
 """`convert_norm(model, kind, **options)`: change the normalization of any model, in place.
 
-A dispatcher over one converter per kind (`_CONVERTERS`). Each converter is a function
-``converter(model, *, option=default, ...) -> model`` whose keyword-only options are the ones
-`convert_norm` accepts for that kind; unknown kinds and unknown options are `UserError`s.
+A dispatcher over one converter per kind (`NORM_CONVERTERS`, a `Registry`). Each converter is a
+function ``converter(model, *, option=default, ...) -> model`` whose keyword-only options are
+the ones `convert_norm` accepts for that kind; unknown kinds and unknown options are
+`UserError`s.
 
 kinds bn, sync_bn, frozen_bn, gn, ln, in, brn, none replace every batch-statistics norm layer
 (torch's BatchNorm1d/2d/3d and SyncBatchNorm, wherever they sit: attributes, Sequentials,
@@ -47,8 +48,9 @@ from lightnets.deploy.folding import set_module
 from lightnets.deploy.normact import is_norm_act_candidate, name_a_few, split_norm_act
 from lightnets.errors import UserError, did_you_mean
 from lightnets.nn.norm import AUTO_GROUPS, BatchRenorm, FrozenBatchNorm, auto_groups, make_norm
+from lightnets.registry import Registry
 
-__all__ = ["convert_norm"]
+__all__ = ["NORM_CONVERTERS", "convert_norm"]
 
 log = logging.getLogger(__name__)
 
@@ -366,18 +368,17 @@ def _convert_none(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------ dispatcher
 
-# One converter per kind: ``_convert_<kind>(model, *, options...) -> model`` (in place).
-_CONVERTERS: dict[str, Callable[..., nn.Module]] = {
-    "fbn": convert_fbn,
-    "bn": _convert_bn,
-    "sync_bn": _convert_sync_bn,
-    "frozen_bn": _convert_frozen_bn,
-    "gn": _convert_gn,
-    "ln": _convert_ln,
-    "in": _convert_in,
-    "brn": _convert_brn,
-    "none": _convert_none,
-}
+#: One converter per kind: ``converter(model, *, options...) -> model`` (in place).
+NORM_CONVERTERS: Registry[Callable[..., nn.Module]] = Registry("convert_norm kind")
+NORM_CONVERTERS.add("fbn", convert_fbn)
+NORM_CONVERTERS.add("bn", _convert_bn)
+NORM_CONVERTERS.add("sync_bn", _convert_sync_bn)
+NORM_CONVERTERS.add("frozen_bn", _convert_frozen_bn)
+NORM_CONVERTERS.add("gn", _convert_gn)
+NORM_CONVERTERS.add("ln", _convert_ln)
+NORM_CONVERTERS.add("in", _convert_in)
+NORM_CONVERTERS.add("brn", _convert_brn)
+NORM_CONVERTERS.add("none", _convert_none)
 
 
 def convert_norm(model: nn.Module, kind: str, **options: Any) -> nn.Module:
@@ -398,12 +399,7 @@ def convert_norm(model: nn.Module, kind: str, **options: Any) -> nn.Module:
     e.g. ``convert_norm(model, "gn", num_groups=32)``, ``convert_norm(model, "frozen_bn")``.
     Options left out keep the source layer's eps / momentum / affine.
     """
-    if kind not in _CONVERTERS:
-        raise UserError(
-            f"convert_norm kind={kind!r}: expected one of {', '.join(_CONVERTERS)}"
-            + did_you_mean(str(kind), list(_CONVERTERS))
-        )
-    converter = _CONVERTERS[kind]
+    converter = NORM_CONVERTERS.lookup(kind)
     accepted = [
         p.name
         for p in inspect.signature(converter).parameters.values()

@@ -27,9 +27,15 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lightnets.errors import UserError, did_you_mean
+from lightnets.registry import Registry
 
-__all__ = ["Experiment", "get_experiment", "list_experiments", "register_experiment"]
+__all__ = [
+    "EXPERIMENTS",
+    "Experiment",
+    "get_experiment",
+    "list_experiments",
+    "register_experiment",
+]
 
 #: The shared modules, which define no experiment.
 _NOT_EXPERIMENTS = frozenset({"options", "outdir", "plan", "report", "results", "runner", "spec"})
@@ -47,7 +53,8 @@ class Experiment:
     plan: Callable[[argparse.Namespace], list[dict]] | None = None
 
 
-_EXPERIMENTS: dict[str, Experiment] = {}
+#: Every registered experiment by name (filled as the experiment modules are imported).
+EXPERIMENTS: Registry[Experiment] = Registry("experiment")
 _loaded = False
 
 
@@ -66,11 +73,9 @@ def register_experiment(
     """
 
     def wrap(run: Callable) -> Callable:
-        if name in _EXPERIMENTS and _EXPERIMENTS[name].run is not run:
-            raise ValueError(f"experiment {name!r} is registered twice")
-        _EXPERIMENTS[name] = Experiment(
-            name, help, add_arguments or (lambda parser: None), run, plan
-        )
+        if name in EXPERIMENTS and EXPERIMENTS[name].run is run:
+            return run  # the same module imported again
+        EXPERIMENTS.add(name, Experiment(name, help, add_arguments or (lambda p: None), run, plan))
         return run
 
     return wrap
@@ -90,16 +95,10 @@ def _load_all() -> None:
 def list_experiments() -> list[Experiment]:
     """All registered experiments, sorted by name."""
     _load_all()
-    return [_EXPERIMENTS[name] for name in sorted(_EXPERIMENTS)]
+    return [EXPERIMENTS[name] for name in EXPERIMENTS.names()]
 
 
 def get_experiment(name: str) -> Experiment:
     """The experiment registered as `name`; an unknown name is a UserError naming valid ones."""
     _load_all()
-    if name not in _EXPERIMENTS:
-        names = sorted(_EXPERIMENTS)
-        raise UserError(
-            f"unknown experiment {name!r}{did_you_mean(name, names)}: expected one of "
-            f"{', '.join(names) or '(none registered)'}"
-        )
-    return _EXPERIMENTS[name]
+    return EXPERIMENTS.lookup(name)

@@ -191,7 +191,8 @@ def test_channels_per_group_rounds_as_the_layer_does():
 def test_errors():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1))
     model.append(nn.BatchNorm2d(4))
-    with pytest.raises(UserError, match=r"kind='fnb': expected one of .*fbn.*did you mean 'fbn'"):
+    unknown = r"unknown convert_norm kind 'fnb' \(did you mean 'fbn'\?\): expected one of .*fbn"
+    with pytest.raises(UserError, match=unknown):
         convert_norm(model, "fnb")
     with pytest.raises(UserError, match=r"unknown option 'group'.*fbn_groups"):
         convert_norm(model, "fbn", group=2)
