@@ -206,7 +206,7 @@ def test_training_step_does_not_sync(device, impl, kernel_size):
 @pytest.mark.xfail(
     strict=True,
     raises=RuntimeError,
-    reason="lightnets/nn/fbn.py:715 (FBNConv2d._exponential_average_factor): with momentum=None "
+    reason="lightnets/nn/fbn.py (FBNConv2d._exponential_average_factor): with momentum=None "
     "the cumulative average reads num_batches_tracked, a device buffer, with float(): one "
     "device sync per training forward, as torch's own BatchNorm does with momentum=None",
 )
