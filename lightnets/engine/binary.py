@@ -18,20 +18,17 @@ warned about.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from lightnets.engine.callbacks import Callback, NoFlipStopping, TrainingPart
+from lightnets.engine.callbacks import Callback, NoFlipStopping, Trainer, TrainingPart
 from lightnets.engine.optimizers import build_run_schedule
 from lightnets.errors import UserError
 from lightnets.nn.binary import clip_latent_weights_, is_binary_layer
 from lightnets.optim import Bop, CompositeOptimizer
 from lightnets.optim.bop import log_flip_ratio
 from lightnets.optim.schedules import Scheduler
-
-if TYPE_CHECKING:
-    from lightnets.engine.trainer import Trainer
 
 __all__ = ["BinaryTraining", "find_bop"]
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lightnets.errors import UserError
 
-if TYPE_CHECKING:
-    from lightnets.engine.trainer import Trainer
+#: What the hooks' `trainer` is: a `lightnets.engine.trainer.Trainer`. Named here, not imported
+#: (not even for type checkers): the trainer imports this module, and an import back would
+#: close a circle between the two.
+Trainer = Any
 
 
 class Callback:
