@@ -39,8 +39,6 @@ from lightnets.errors import UserError
 from lightnets.nn.binary import (
     QUANTIZERS,
     SIGN_QUANTIZERS,
-    BinaryConv2d,
-    BinaryLinear,
     binary_sign,
     get_quantizer,
     takes_training,
@@ -132,6 +130,10 @@ def _quantizer_name(spec: Any) -> str | None:
 
 class _PackedBinary(nn.Module):
     """What PackedBinaryConv2d and PackedBinaryLinear share: bits, optional bias/scale/shift."""
+
+    #: Constructor arguments the binary layer and its packed twin both have, by the same name
+    #: (the others: bias, affine, input_quantizer, cache_weights, device, dtype)
+    SHAPE_ARGUMENTS: tuple[str, ...] = ()
 
     weight_bits: Tensor
     bias: Tensor | None
@@ -258,15 +260,28 @@ class _PackedBinary(nn.Module):
         cache_weights: bool = True,
     ) -> _PackedBinary:
         """The packed twin of `layer` (its eval forward), with a folded BN's scale / shift."""
-        config = cls._config_of(layer, affine=scale is not None)
-        packed = cls(**config, cache_weights=cache_weights)
+        config = {k: getattr(layer, k) for k in cls.SHAPE_ARGUMENTS}
+        packed = cls(
+            **config,
+            bias=layer.bias is not None,
+            affine=scale is not None,
+            input_quantizer=layer.input_quantizer,
+            cache_weights=cache_weights,
+            device=layer.weight.device,
+            dtype=layer.weight.dtype,
+        )
         _fill(packed, layer, scale, shift)
         return packed
 
     def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments, JSON-serializable (see save_packed); each packed
-        layer class (PackedBinaryConv2d, PackedBinaryLinear) says its own."""
-        raise NotImplementedError(f"{type(self).__name__} must define config()")
+        """Constructor keyword arguments, JSON-serializable (see save_packed)."""
+        shape = {k: _json_value(getattr(self, k)) for k in self.SHAPE_ARGUMENTS}
+        return {
+            **shape,
+            "bias": self.bias is not None,
+            "affine": self.affine,
+            "input_quantizer": _quantizer_name(self._input_spec),
+        }
 
 
 def _spec_text(spec: Any) -> str:
@@ -304,6 +319,17 @@ class PackedBinaryConv2d(_PackedBinary):
     bias, scale, shift (out,) or None.
     """
 
+    SHAPE_ARGUMENTS = (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    )
+
     def __init__(
         self,
         in_channels: int,
@@ -335,25 +361,6 @@ class PackedBinaryConv2d(_PackedBinary):
         )
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self._setup(shape, bias, affine, input_quantizer, cache_weights, device, dtype)
-
-    @staticmethod
-    def _config_of(layer: nn.Module, affine: bool) -> dict[str, Any]:
-        return _conv_config(layer, affine)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size),
-            "stride": list(self.stride),
-            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
-            "dilation": list(self.dilation),
-            "groups": self.groups,
-            "bias": self.bias is not None,
-            "padding_mode": self.padding_mode,
-            "affine": self.affine,
-            "input_quantizer": _quantizer_name(self._input_spec),
-        }
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._quantize_input(x)
@@ -389,6 +396,8 @@ class PackedBinaryLinear(_PackedBinary):
     folded in. Buffers: weight_bits (out, ceil(in / 8)) uint8, bias, scale, shift (out,) or None.
     """
 
+    SHAPE_ARGUMENTS = ("in_features", "out_features")
+
     def __init__(
         self,
         in_features: int,
@@ -405,19 +414,6 @@ class PackedBinaryLinear(_PackedBinary):
         self.in_features, self.out_features = int(in_features), int(out_features)
         shape = (self.out_features, self.in_features)
         self._setup(shape, bias, affine, input_quantizer, cache_weights, device, dtype)
-
-    @staticmethod
-    def _config_of(layer: nn.Module, affine: bool) -> dict[str, Any]:
-        return _linear_config(layer, affine)
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "affine": self.affine,
-            "input_quantizer": _quantizer_name(self._input_spec),
-        }
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._quantize_input(x)
@@ -438,34 +434,9 @@ PACKED_TYPES: dict[str, type[_PackedBinary]] = {
 }
 
 
-def _conv_config(layer: BinaryConv2d, affine: bool) -> dict[str, Any]:
-    return {
-        "in_channels": layer.in_channels,
-        "out_channels": layer.out_channels,
-        "kernel_size": layer.kernel_size,
-        "stride": layer.stride,
-        "padding": layer.padding,
-        "dilation": layer.dilation,
-        "groups": layer.groups,
-        "bias": layer.bias is not None,
-        "padding_mode": layer.padding_mode,
-        "affine": affine,
-        "input_quantizer": layer.input_quantizer,
-        "device": layer.weight.device,
-        "dtype": layer.weight.dtype,
-    }
-
-
-def _linear_config(layer: BinaryLinear, affine: bool) -> dict[str, Any]:
-    return {
-        "in_features": layer.in_features,
-        "out_features": layer.out_features,
-        "bias": layer.bias is not None,
-        "affine": affine,
-        "input_quantizer": layer.input_quantizer,
-        "device": layer.weight.device,
-        "dtype": layer.weight.dtype,
-    }
+def _json_value(value: Any) -> Any:
+    """A constructor argument as JSON holds it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _fill(
