@@ -36,6 +36,31 @@ def add_groups_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _gn_variant(
+    name: str,
+    label: str,
+    norm_kwargs: dict[str, int],
+    batch: list[str],
+    paper: float | None,
+    baseline: str | None,
+) -> Variant:
+    """A GN variant of Table 3: `norm_kwargs` (num_groups or channels_per_group) for every norm
+    layer, `batch` the overrides of the batch per worker."""
+    ((key, value),) = norm_kwargs.items()
+    return Variant(
+        name=name,
+        label=label,
+        overrides=[
+            'model.args.norm="gn"',
+            f"model.args.norm_kwargs={{{key} = {value}}}",
+            *batch,
+        ],
+        paper=paper,
+        baseline=baseline,
+        paper_setting={"model_args": {"norm": "gn", "norm_kwargs": dict(norm_kwargs)}},
+    )
+
+
 def groups_spec(args: argparse.Namespace) -> ExperimentSpec:
     """The runner's ExperimentSpec for parsed `gn-groups` arguments (validates them)."""
     setting = GnSetting(args, "resnet")
@@ -45,37 +70,16 @@ def groups_spec(args: argparse.Namespace) -> ExperimentSpec:
         raise UserError("--groups none and --channels-per-group none: expected some variants")
     variants = []
     batch = [setting.batch(PAPER_BATCH)]  # Table 3: 32 images per GPU
+    baseline = "G32" if 32 in groups else None
     for g in groups:
-        variants.append(
-            Variant(
-                name=f"G{g}",
-                label=f"G = {g}" + (" (LN)" if g == 1 else ""),
-                overrides=[
-                    'model.args.norm="gn"',
-                    f"model.args.norm_kwargs={{num_groups = {g}}}",
-                    *batch,
-                ],
-                paper=PAPER_TABLE3_GROUPS.get(g),
-                baseline="G32" if 32 in groups else None,
-                paper_setting={"model_args": {"norm": "gn", "norm_kwargs": {"num_groups": g}}},
-            )
-        )
+        label = f"G = {g}" + (" (LN)" if g == 1 else "")
+        paper = PAPER_TABLE3_GROUPS.get(g)
+        variants.append(_gn_variant(f"G{g}", label, {"num_groups": g}, batch, paper, baseline))
     for c in cpg:
+        label = f"{c} channels/group" + (" (IN)" if c == 1 else "")
+        paper = PAPER_TABLE3_CPG.get(c)
         variants.append(
-            Variant(
-                name=f"cpg{c}",
-                label=f"{c} channels/group" + (" (IN)" if c == 1 else ""),
-                overrides=[
-                    'model.args.norm="gn"',
-                    f"model.args.norm_kwargs={{channels_per_group = {c}}}",
-                    *batch,
-                ],
-                paper=PAPER_TABLE3_CPG.get(c),
-                baseline="G32" if 32 in groups else None,
-                paper_setting={
-                    "model_args": {"norm": "gn", "norm_kwargs": {"channels_per_group": c}}
-                },
-            )
+            _gn_variant(f"cpg{c}", label, {"channels_per_group": c}, batch, paper, baseline)
         )
     return gn_spec(
         args,
