@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import settings
+from torch import nn
 
 # pytest-xdist runs one worker per core: more threads per worker only oversubscribes.
 torch.set_num_threads(1)
@@ -57,3 +59,28 @@ def tiny_overrides() -> list[str]:
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("explore", max_examples=500, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+class ExplodesAfter(nn.Module):
+    """A linear classifier whose output is NaN from forward `after + 1` on (a test model)."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(28 * 28, 10)
+        self.calls, self.after = 0, after
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.fc(x.flatten(1))
+        return out * math.nan if self.calls > self.after else out
+
+
+class GradientExplodesAfter(ExplodesAfter):
+    """Finite outputs and loss, but an infinite gradient from forward `after + 1` on."""
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.fc(x.flatten(1))
+        if self.calls > self.after and out.requires_grad:
+            out.register_hook(lambda grad: grad * math.inf)  # the backward pass only
+        return out

@@ -18,7 +18,7 @@ from lightnets.engine import Callback, NonFiniteError, Trainer, load_config
 from lightnets.engine.metrics import TrainSums
 from lightnets.engine.nonfinite import CHECK_EVERY_STEPS
 from lightnets.optim import binary_parameters, real_parameters
-from tests.conftest import TINY
+from tests.conftest import TINY, ExplodesAfter
 from tests.cuda.support import host_resident_state, no_host_sync
 
 CPU = torch.device("cpu")
@@ -161,26 +161,12 @@ def test_train_sums_match_the_host_arithmetic_they_replaced():
     assert again.values() == {**old, "counted": 4.0}
 
 
-class _NanFrom(nn.Module):
-    """A linear classifier whose output is NaN from forward `after + 1` on."""
-
-    def __init__(self, after: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(28 * 28, 10)
-        self.calls, self.after = 0, after
-
-    def forward(self, x):
-        self.calls += 1
-        out = self.fc(x.flatten(1))
-        return out * math.nan if self.calls > self.after else out
-
-
 def test_a_non_finite_loss_stops_within_the_bound_and_names_its_step(tmp_path):
     """No checkpoint in between, no progress bar: the watch reads the steps' verdicts every
     CHECK_EVERY_STEPS steps, so a NaN at step 3 stops the run by step 3 + that, and the error
     names step 3."""
     config = load_config("mnist_cnn", [*TINY, "train.device=cpu", "train.epochs=1"])
-    trainer = Trainer(config, tmp_path / "run", model=_NanFrom(after=2))
+    trainer = Trainer(config, tmp_path / "run", model=ExplodesAfter(after=2))
     assert trainer.steps_per_epoch > CHECK_EVERY_STEPS + 3  # the epoch's end comes later
     with pytest.raises(NonFiniteError, match="loss became non-finite at epoch 1 step 3 ") as err:
         trainer.fit()
@@ -196,7 +182,7 @@ def test_an_error_after_a_non_finite_step_reports_the_non_finite_step(tmp_path):
                 raise RuntimeError("something downstream of the NaN")
 
     config = load_config("mnist_cnn", [*TINY, "train.device=cpu"])
-    trainer = Trainer(config, tmp_path / "run", model=_NanFrom(after=3), callbacks=[Breaks()])
+    trainer = Trainer(config, tmp_path / "run", model=ExplodesAfter(after=3), callbacks=[Breaks()])
     with pytest.raises(NonFiniteError, match="at epoch 1 step 4 .noticed 1 step"):
         trainer.fit()
 

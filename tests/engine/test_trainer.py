@@ -12,7 +12,7 @@ from torch import nn
 from lightnets.engine import Callback, EarlyStopping, NonFiniteError, Trainer, load_config
 from lightnets.engine.checkpoint import load_checkpoint
 from lightnets.errors import UserError
-from tests.conftest import TINY
+from tests.conftest import TINY, ExplodesAfter, GradientExplodesAfter
 
 
 def test_short_run_learns_and_writes_run_dir(tmp_path):
@@ -45,23 +45,9 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     assert (run / "precious.txt").read_text() == "keep me"
 
 
-class _ExplodesAfter(nn.Module):
-    """A linear classifier whose output becomes NaN from its `after`-th forward on."""
-
-    def __init__(self, after: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(28 * 28, 10)
-        self.calls, self.after = 0, after
-
-    def forward(self, x):
-        self.calls += 1
-        out = self.fc(x.flatten(1))
-        return out * math.nan if self.calls > self.after else out
-
-
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     config = load_config("mnist_cnn", [*TINY, "train.checkpoint_every=1"])
-    trainer = Trainer(config, tmp_path / "run", model=_ExplodesAfter(after=3))
+    trainer = Trainer(config, tmp_path / "run", model=ExplodesAfter(after=3))
     with pytest.raises(NonFiniteError, match="loss became non-finite at epoch 1 step 4"):
         trainer.fit()
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -69,22 +55,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-class _GradientExplodesAfter(_ExplodesAfter):
-    """Finite outputs and loss, but an infinite gradient from its `after`-th forward on."""
-
-    def forward(self, x):
-        self.calls += 1
-        out = self.fc(x.flatten(1))
-        if self.calls > self.after and out.requires_grad:
-            out.register_hook(lambda grad: grad * math.inf)  # the backward pass only
-        return out
-
-
 def test_non_finite_gradient_stops_too_and_a_failed_start_can_be_rerun(tmp_path):
     config = load_config("mnist_cnn", [*TINY, "train.checkpoint_every=100"])
     run = tmp_path / "run"
     with pytest.raises(NonFiniteError, match="gradient norm became non-finite") as caught:
-        Trainer(config, run, model=_GradientExplodesAfter(after=0)).fit()
+        Trainer(config, run, model=GradientExplodesAfter(after=0)).fit()
     assert "no checkpoint had been written yet" in str(caught.value)
     assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == ["config.toml"]
     # the failed start left only its config: a plain re-run starts afresh, no --overwrite
